@@ -1,0 +1,782 @@
+-- Named queries used at run time. Each starts with "-- name: <name>" and a one-line
+-- description. {{schema}} is the quoted schema name; every value is a bind parameter.
+
+-- ---------------------------------------------------------------------------------
+-- Migrations
+-- ---------------------------------------------------------------------------------
+
+-- name: lock_migrations
+-- Serialize migration runs on this schema across processes (blocks until free).
+SELECT pg_advisory_lock(hashtextextended($1, 0));
+
+-- name: unlock_migrations
+-- Release the migration lock taken by lock_migrations.
+SELECT pg_advisory_unlock(hashtextextended($1, 0));
+
+-- name: create_schema
+-- The schema every table lives in.
+CREATE SCHEMA IF NOT EXISTS {{schema}};
+
+-- name: create_migrations_table
+-- Which migrations are applied, with the checksum of the file that was applied.
+CREATE TABLE IF NOT EXISTS {{schema}}.migrations (
+    version     integer     PRIMARY KEY,
+    name        text        NOT NULL,
+    checksum    text        NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migrations_table_exists
+-- Whether the schema has a migrations table at all ($1: schema name).
+SELECT to_regclass(quote_ident($1) || '.migrations') IS NOT NULL;
+
+-- name: applied_migrations
+-- Versions and checksums recorded as applied.
+SELECT version, checksum FROM {{schema}}.migrations ORDER BY version;
+
+-- name: record_migration
+-- Record one applied migration.
+INSERT INTO {{schema}}.migrations (version, name, checksum) VALUES ($1, $2, $3);
+
+-- ---------------------------------------------------------------------------------
+-- Producers (Client, AsyncClient, API, CLI)
+-- ---------------------------------------------------------------------------------
+
+-- name: insert_job
+-- Enqueue one job. run_at: $5 absolute, else now() + $6, else now() (database clock).
+-- No row back: the type's queue is full (job_types.accepting, kept by the leader).
+INSERT INTO {{schema}}.jobs (type, payload, priority, max_attempts, run_at, timeout, unique_key)
+SELECT $1, $2::text::jsonb, $3, $4,
+       COALESCE($5::timestamptz, now() + $6::interval, now()),
+       $7, $8
+WHERE NOT EXISTS (
+    SELECT 1 FROM {{schema}}.job_types t WHERE t.type = $1 AND NOT t.accepting
+)
+RETURNING *, false AS duplicate, false AS cached;
+
+-- name: insert_job_unique
+-- Enqueue one job unless an active job (pending or processing) has the same type and
+-- unique_key; then return that one, flagged duplicate. No row back: the other job
+-- finished between our conflict and our look (the caller tries again), or the type's
+-- queue is full (queue_full tells which).
+WITH inserted AS (
+    INSERT INTO {{schema}}.jobs (type, payload, priority, max_attempts, run_at, timeout, unique_key)
+    SELECT $1, $2::text::jsonb, $3, $4,
+           COALESCE($5::timestamptz, now() + $6::interval, now()),
+           $7, $8
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {{schema}}.job_types t WHERE t.type = $1 AND NOT t.accepting
+    )
+    ON CONFLICT (type, unique_key) WHERE unique_key IS NOT NULL AND status IN ('pending', 'processing')
+    DO NOTHING
+    RETURNING *
+)
+SELECT inserted.*, false AS duplicate, false AS cached FROM inserted
+UNION ALL
+SELECT existing.*, true AS duplicate, false AS cached
+FROM {{schema}}.jobs existing
+WHERE NOT EXISTS (SELECT 1 FROM inserted)
+  AND existing.type = $1
+  AND existing.unique_key = $8
+  AND existing.status IN ('pending', 'processing');
+
+-- name: insert_jobs_unique_many
+-- Bulk enqueue of jobs that carry unique keys: one statement, duplicates skipped.
+-- Returns the ids inserted with their unique_key, so the caller can map the rest.
+INSERT INTO {{schema}}.jobs (type, payload, priority, max_attempts, run_at, timeout, unique_key)
+SELECT t.type, t.payload::jsonb, t.priority, t.max_attempts,
+       COALESCE(t.run_at, now()), t.timeout, t.unique_key
+FROM unnest($1::text[], $2::text[], $3::smallint[], $4::integer[], $5::timestamptz[],
+            $6::double precision[], $7::text[])
+     AS t(type, payload, priority, max_attempts, run_at, timeout, unique_key)
+ON CONFLICT (type, unique_key) WHERE unique_key IS NOT NULL AND status IN ('pending', 'processing')
+DO NOTHING
+RETURNING id, type, unique_key;
+
+-- name: active_ids_by_unique_key
+-- Ids of the active jobs holding the given (type, unique_key) pairs.
+SELECT j.id, j.type, j.unique_key
+FROM {{schema}}.jobs j
+JOIN unnest($1::text[], $2::text[]) AS k(type, unique_key)
+  ON j.type = k.type AND j.unique_key = k.unique_key
+WHERE j.status IN ('pending', 'processing');
+
+-- name: reserve_job_ids
+-- Draw $1 ids from the jobs identity sequence, so COPY can write them and return them,
+-- and resolve run_at on the database clock: $2 absolute, else now() + $3, else now().
+-- max_pending and pending are set when type $4's queue is full (backpressure).
+WITH sequence AS MATERIALIZED (
+    -- Looked up once: per row it was seven times slower than the nextval itself.
+    SELECT pg_get_serial_sequence('{{schema}}.jobs', 'id')::regclass AS id
+)
+SELECT array_agg(nextval(sequence.id)) AS ids,
+       COALESCE($2::timestamptz, now() + $3::interval, now()) AS run_at,
+       closed.max_pending, closed.pending
+FROM sequence, generate_series(1, $1)
+LEFT JOIN (
+    SELECT max_pending, pending FROM {{schema}}.job_types WHERE type = $4 AND NOT accepting
+) AS closed ON true
+GROUP BY closed.max_pending, closed.pending;
+
+-- name: copy_jobs
+-- Bulk load of jobs whose ids came from reserve_job_ids (psycopg COPY; asyncpg uses
+-- copy_records_to_table with the same columns).
+COPY {{schema}}.jobs (id, type, payload, priority, max_attempts, run_at, timeout) FROM STDIN;
+
+-- name: copy_jobs_lean
+-- Bulk load of jobs that take every default but type and payload.
+COPY {{schema}}.jobs (id, type, payload) FROM STDIN;
+
+-- name: get_job
+-- One job by id.
+SELECT * FROM {{schema}}.jobs WHERE id = $1;
+
+-- name: cancel_job
+-- Cancel a pending job at once; flag a processing one (a trigger NOTIFYs its owner,
+-- which stops it and ends it cancelled). No row back: not found or already finished.
+UPDATE {{schema}}.jobs SET
+    status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
+    finished_at = CASE WHEN status = 'pending' THEN now() ELSE finished_at END,
+    cancel_requested = (status = 'processing')
+WHERE id = $1 AND status IN ('pending', 'processing')
+RETURNING *;
+
+-- ---------------------------------------------------------------------------------
+-- Leader election (on the replica's dedicated connection; see elector.py)
+-- ---------------------------------------------------------------------------------
+
+-- name: leader_try_elect
+-- Take the leader lock ($1: lock name) if it is free and, in the same statement, start
+-- a new term for holder $2 with a lease of $3 seconds. No row: someone else leads.
+WITH lock AS MATERIALIZED (
+    SELECT pg_try_advisory_lock(hashtextextended($1, 0)) AS acquired
+)
+UPDATE {{schema}}.leader SET
+    term = term + 1,
+    holder = $2,
+    backend_pid = pg_backend_pid(),
+    acquired_at = now(),
+    renewed_at = now(),
+    lease_until = now() + make_interval(secs => $3)
+FROM lock
+WHERE lock.acquired
+RETURNING term, lease_until;
+
+-- name: leader_renew
+-- Extend the lease by $3 seconds; scoped to our term $1, holder $2 and session, so a
+-- deposed leader can never renew a lease that is no longer its own. No row: deposed.
+UPDATE {{schema}}.leader SET
+    renewed_at = now(),
+    lease_until = now() + make_interval(secs => $3)
+WHERE term = $1 AND holder = $2 AND backend_pid = pg_backend_pid()
+RETURNING lease_until;
+
+-- name: leader_release
+-- Graceful hand-over: end our lease (term $1, holder $2), unlock ($3: lock name), then
+-- NOTIFY the leader channel $4; the notification is delivered at commit, after the
+-- unlock, so a standby woken by it finds the lock free.
+WITH expire AS (
+    UPDATE {{schema}}.leader SET lease_until = now()
+    WHERE term = $1 AND holder = $2
+    RETURNING 1
+)
+SELECT pg_advisory_unlock(hashtextextended($3, 0)) AS unlocked,
+       pg_notify($4, $2) IS NULL AS notified,
+       (SELECT count(*) FROM expire) AS expired;
+
+-- name: leader_terminate_expired
+-- Hung-leader takeover: if the lease lapsed on the database clock while the recorded
+-- backend still holds the leader lock ($1: lock name), terminate that backend, waiting
+-- up to $2 ms for it to exit. The pg_locks check makes sure a recycled pid is never
+-- killed by mistake. No row: nothing to take over.
+SELECT l.holder, l.backend_pid, l.term, pg_terminate_backend(l.backend_pid, $2) AS terminated
+FROM {{schema}}.leader l
+WHERE l.lease_until < now()
+  AND l.backend_pid <> pg_backend_pid()
+  AND EXISTS (
+      SELECT 1 FROM pg_locks k
+      WHERE k.locktype = 'advisory'
+        AND k.granted
+        AND k.pid = l.backend_pid
+        AND k.classid = ((hashtextextended($1, 0) >> 32) & 4294967295)::oid
+        AND k.objid = (hashtextextended($1, 0) & 4294967295)::oid
+        AND k.objsubid = 1
+  );
+
+-- name: leader_current
+-- The leader row, with whether its lease is current on the database clock.
+SELECT holder, backend_pid, term, acquired_at, renewed_at, lease_until,
+       coalesce(lease_until > now(), false) AS lease_current
+FROM {{schema}}.leader;
+
+-- ---------------------------------------------------------------------------------
+-- Replica registry
+-- ---------------------------------------------------------------------------------
+
+-- name: replica_heartbeat
+-- Upsert this replica's row (id $1) with its current role $6 and job types $7.
+INSERT INTO {{schema}}.replicas (id, name, host, pid, version, role, job_types)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (id) DO UPDATE SET role = EXCLUDED.role, job_types = EXCLUDED.job_types,
+                               last_seen = now();
+
+-- name: replica_remove
+-- Remove this replica's row at shutdown.
+DELETE FROM {{schema}}.replicas WHERE id = $1;
+
+-- name: replicas_prune
+-- Remove rows of replicas unseen for $1 seconds (leader only).
+DELETE FROM {{schema}}.replicas
+WHERE last_seen < now() - make_interval(secs => $1)
+RETURNING id;
+
+-- name: replicas_list
+-- Every registered replica, with whether it was seen within $1 seconds.
+SELECT id, name, host, pid, version, role, job_types, started_at, last_seen,
+       last_seen > now() - make_interval(secs => $1) AS alive
+FROM {{schema}}.replicas
+ORDER BY started_at, id;
+
+-- ---------------------------------------------------------------------------------
+-- Dispatch hot path (leader's claim loop, completer, heartbeats)
+-- ---------------------------------------------------------------------------------
+
+-- name: claim_jobs
+-- Claim due pending jobs for owner $2 under leader term $1: per type $3[i] at most
+-- $4[i] jobs, at most $5 in all, in priority, run_at, id order. Fenced: nothing is
+-- claimed unless term $1 and holder $2 still lead; the leader row is share-locked so
+-- a new election waits for this claim to commit, then counts its jobs as running.
+-- max_attempts and timeout left NULL on the row take the executor's $6[i] and $7[i].
+WITH fence AS MATERIALIZED (
+    SELECT term FROM {{schema}}.leader WHERE term = $1 AND holder = $2 FOR SHARE
+),
+capacity AS (
+    SELECT * FROM unnest($3::text[], $4::integer[], $6::integer[], $7::double precision[])
+        AS c(type, free, max_attempts, timeout)
+),
+picked AS MATERIALIZED (
+    SELECT j.id, capacity.max_attempts, capacity.timeout
+    FROM fence, capacity
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at
+        FROM {{schema}}.jobs
+        WHERE status = 'pending' AND type = capacity.type AND run_at <= now()
+        ORDER BY priority, run_at, id
+        LIMIT capacity.free
+        FOR UPDATE SKIP LOCKED
+    ) j
+    -- A pause takes effect at the next claim, whoever has heard of it yet.
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {{schema}}.job_types t WHERE t.type = capacity.type AND t.paused
+    )
+    ORDER BY j.priority, j.run_at, j.id
+    LIMIT $5
+)
+UPDATE {{schema}}.jobs j SET
+    status = 'processing',
+    attempts = j.attempts + 1,
+    started_at = now(),
+    heartbeat_at = now(),
+    owner = $2,
+    term = $1,
+    progress = NULL,
+    max_attempts = coalesce(j.max_attempts, picked.max_attempts),
+    timeout = coalesce(j.timeout, picked.timeout)
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.type, j.payload::text AS payload, j.attempts, j.max_attempts, j.timeout,
+          greatest(extract(epoch FROM j.started_at - j.run_at), 0)::double precision AS waited,
+          j.cancel_requested;
+
+-- name: complete_jobs
+-- Write a batch of attempt outcomes for owner $1 (group commit). Per job: id $2[i],
+-- attempt $3[i], outcome $4[i] (completed, failed, cancelled; retry: a failed attempt
+-- to run again after $8[i] seconds; snooze: again after $8[i] seconds without spending
+-- the attempt; requeue: again now, attempt refunded), result JSON $5[i], error $6[i],
+-- traceback tail $7[i]. A job whose cancel was requested ends cancelled instead of
+-- going back to pending. Fenced: only jobs still processing under this owner and
+-- attempt change; the rows returned are the ones written, the rest were taken from us.
+UPDATE {{schema}}.jobs j SET
+    status = CASE
+        WHEN o.outcome NOT IN ('retry', 'snooze', 'requeue') THEN o.outcome
+        WHEN j.cancel_requested THEN 'cancelled'
+        ELSE 'pending'
+    END,
+    finished_at = CASE
+        WHEN o.outcome IN ('retry', 'snooze', 'requeue') AND NOT j.cancel_requested THEN NULL
+        ELSE now()
+    END,
+    run_at = CASE
+        WHEN o.outcome IN ('retry', 'snooze', 'requeue') AND NOT j.cancel_requested
+        THEN now() + make_interval(secs => o.delay)
+        ELSE j.run_at
+    END,
+    attempts = CASE WHEN o.outcome IN ('snooze', 'requeue') THEN j.attempts - 1 ELSE j.attempts END,
+    result = CASE WHEN o.outcome = 'completed' THEN o.result::jsonb ELSE j.result END,
+    last_error = coalesce(o.error, j.last_error),
+    errors = CASE
+        WHEN o.error IS NULL THEN j.errors
+        ELSE j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempts, 'at', now(), 'error', o.error, 'traceback', o.traceback))
+    END
+FROM unnest($2::bigint[], $3::integer[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::double precision[])
+    AS o(id, attempt, outcome, result, error, traceback, delay)
+WHERE j.id = o.id
+  -- Redundant for the result, decisive for the plan: reach the rows by primary key,
+  -- never by a scan of the processing index, whose dead entries pile up between
+  -- vacuums on a busy queue (and whose statistics say it is empty).
+  AND j.id = ANY($2::bigint[])
+  AND j.owner = $1
+  AND j.attempts = o.attempt
+  AND j.status = 'processing'
+RETURNING j.id, j.status;
+
+-- name: heartbeat_jobs
+-- Mark owner $1's running attempts ($2[i] id, $3[i] attempt) alive. Returns the ones
+-- still ours, with their cancel flag; an attempt not returned was taken from us.
+UPDATE {{schema}}.jobs j SET heartbeat_at = now()
+FROM unnest($2::bigint[], $3::integer[]) AS h(id, attempt)
+WHERE j.id = h.id AND j.id = ANY($2::bigint[])  -- by primary key (see complete_jobs)
+  AND j.attempts = h.attempt AND j.owner = $1 AND j.status = 'processing'
+RETURNING j.id, j.cancel_requested;
+
+-- name: next_due_in
+-- Seconds until the earliest future run_at among pending jobs of types $1; NULL:
+-- nothing scheduled (the claim loop then just polls). Reads the claim index (type,
+-- priority, run_at): a loose scan over the priorities present per type, then the
+-- first future run_at of each, a few index probes whatever the queue's size.
+WITH RECURSIVE priorities AS (
+    SELECT t.type, (
+        SELECT min(priority) FROM {{schema}}.jobs
+        WHERE status = 'pending' AND type = t.type
+    ) AS priority
+    FROM unnest($1::text[]) AS t(type)
+    UNION ALL
+    SELECT p.type, (
+        SELECT min(priority) FROM {{schema}}.jobs
+        WHERE status = 'pending' AND type = p.type AND priority > p.priority
+    )
+    FROM priorities p
+    WHERE p.priority IS NOT NULL
+)
+SELECT extract(epoch FROM min(next.run_at) - now())::double precision
+FROM priorities p
+CROSS JOIN LATERAL (
+    SELECT run_at FROM {{schema}}.jobs
+    WHERE status = 'pending' AND type = p.type AND priority = p.priority AND run_at > now()
+    ORDER BY run_at
+    LIMIT 1
+) AS next
+WHERE p.priority IS NOT NULL;
+
+-- name: running_by_others
+-- Jobs processing under owners other than $1, per type: a new leader counts them
+-- against the limits until they end.
+SELECT type, count(*)::integer AS running
+FROM {{schema}}.jobs
+WHERE status = 'processing' AND owner IS DISTINCT FROM $1
+GROUP BY type;
+
+-- name: update_progress
+-- Write the latest progress of owner $1's running attempts ($2[i] id, $3[i] attempt,
+-- $4[i] progress JSON).
+UPDATE {{schema}}.jobs j SET progress = p.progress::jsonb
+FROM unnest($2::bigint[], $3::integer[], $4::text[]) AS p(id, attempt, progress)
+WHERE j.id = p.id AND j.id = ANY($2::bigint[])  -- by primary key (see complete_jobs)
+  AND j.attempts = p.attempt AND j.owner = $1 AND j.status = 'processing';
+
+-- ---------------------------------------------------------------------------------
+-- Reaper (leader only)
+-- ---------------------------------------------------------------------------------
+
+-- name: stale_jobs
+-- Lock up to $2 processing jobs whose owner has not heartbeated them for $1 seconds
+-- (in the reaper's transaction; rows being heartbeated right now are skipped).
+SELECT id, type, attempts, max_attempts,
+       format('stale: owner stopped heartbeating (owner %s, last heartbeat %ss ago)',
+              owner, round(extract(epoch FROM now() - heartbeat_at))) AS error
+FROM {{schema}}.jobs
+WHERE status = 'processing' AND heartbeat_at < now() - make_interval(secs => $1)
+ORDER BY heartbeat_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED;
+
+-- name: rescue_jobs
+-- Record the lost attempt of each stale job $1[i] as failed with error $4[i], then
+-- retry it after $2[i] seconds ($3[i] true) or fail it for good; a job with a cancel
+-- request ends cancelled. Same transaction as stale_jobs.
+UPDATE {{schema}}.jobs j SET
+    status = CASE
+        WHEN j.cancel_requested THEN 'cancelled'
+        WHEN r.retry THEN 'pending'
+        ELSE 'failed'
+    END,
+    run_at = CASE
+        WHEN r.retry AND NOT j.cancel_requested THEN now() + make_interval(secs => r.delay)
+        ELSE j.run_at
+    END,
+    finished_at = CASE WHEN r.retry AND NOT j.cancel_requested THEN NULL ELSE now() END,
+    last_error = r.error,
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempts, 'at', now(), 'error', r.error, 'traceback', NULL))
+FROM unnest($1::bigint[], $2::double precision[], $3::boolean[], $4::text[])
+    AS r(id, delay, retry, error)
+WHERE j.id = r.id AND j.id = ANY($1::bigint[]) AND j.status = 'processing'
+RETURNING j.id, j.type, j.status;
+
+-- name: fail_jobs_without_executor
+-- Fail up to $1 pending jobs due for over $2 seconds whose type no replica seen in
+-- the last $3 seconds has an executor for ($4: this replica's own types). Pending
+-- types are listed with a loose index scan of the claim index (one probe per type).
+WITH RECURSIVE pending_types AS (
+    (SELECT type FROM {{schema}}.jobs WHERE status = 'pending' ORDER BY type LIMIT 1)
+    UNION ALL
+    SELECT (
+        SELECT j.type FROM {{schema}}.jobs j
+        WHERE j.status = 'pending' AND j.type > t.type
+        ORDER BY j.type LIMIT 1
+    )
+    FROM pending_types t
+    WHERE t.type IS NOT NULL
+),
+known AS (
+    SELECT unnest(job_types) AS type FROM {{schema}}.replicas
+    WHERE last_seen > now() - make_interval(secs => $3)
+    UNION
+    SELECT unnest($4::text[])
+),
+unknown AS (
+    SELECT type FROM pending_types
+    WHERE type IS NOT NULL AND type NOT IN (SELECT type FROM known)
+),
+doomed AS (
+    SELECT j.id
+    FROM unknown u
+    CROSS JOIN LATERAL (
+        SELECT id FROM {{schema}}.jobs
+        WHERE status = 'pending' AND type = u.type
+          AND run_at < now() - make_interval(secs => $2)
+        ORDER BY priority, run_at, id
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED
+    ) j
+    LIMIT $1
+),
+message AS (
+    SELECT coalesce(string_agg(type, ', ' ORDER BY type), '(none)') AS registered FROM known
+)
+UPDATE {{schema}}.jobs j SET
+    status = 'failed',
+    finished_at = now(),
+    last_error = format('no executor registered for type %L; registered: %s',
+                        j.type, message.registered),
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempts, 'at', now(), 'traceback', NULL,
+        'error', format('no executor registered for type %L; registered: %s',
+                        j.type, message.registered)))
+FROM doomed, message
+WHERE j.id = doomed.id
+RETURNING j.id, j.type;
+
+-- ---------------------------------------------------------------------------------
+-- Operators (API, CLI): listing and cluster status
+-- ---------------------------------------------------------------------------------
+
+-- name: list_jobs
+-- Jobs newest first, optionally only status $1 and type $2, with ids below $3 (keyset
+-- pagination: pass the last id of the previous page); at most $4.
+SELECT * FROM {{schema}}.jobs
+WHERE ($1::text IS NULL OR status = $1)
+  AND ($2::text IS NULL OR type = $2)
+  AND ($3::bigint IS NULL OR id < $3)
+ORDER BY id DESC
+LIMIT $4;
+
+-- name: queue_depth
+-- Per type: pending jobs due now (ready) and later (scheduled), processing jobs, and
+-- the age in seconds of the oldest ready one. Each half reads only its partial index
+-- (index-only when the visibility map allows), however many finished rows pile up.
+WITH pending AS (
+    SELECT type,
+           count(*) FILTER (WHERE run_at <= now()) AS ready,
+           count(*) FILTER (WHERE run_at > now()) AS scheduled,
+           min(run_at) FILTER (WHERE run_at <= now()) AS oldest_ready
+    FROM {{schema}}.jobs
+    WHERE status = 'pending'
+    GROUP BY type
+), processing AS (
+    SELECT type, count(*) AS n
+    FROM {{schema}}.jobs
+    WHERE status = 'processing'
+    GROUP BY type
+)
+SELECT coalesce(p.type, r.type) AS type,
+       coalesce(p.ready, 0) AS ready,
+       coalesce(p.scheduled, 0) AS scheduled,
+       coalesce(r.n, 0) AS processing,
+       coalesce(extract(epoch FROM now() - p.oldest_ready), 0)::double precision
+           AS oldest_ready_age
+FROM pending p
+FULL JOIN processing r ON r.type = p.type
+ORDER BY 1;
+
+-- name: prune_finished_jobs
+-- Delete up to $3 jobs of statuses $1 that finished more than $2 seconds ago, oldest
+-- first, skipping rows someone holds. Returns how many were deleted.
+WITH doomed AS (
+    SELECT id FROM {{schema}}.jobs
+    WHERE status = ANY($1::text[]) AND finished_at < now() - make_interval(secs => $2)
+    ORDER BY finished_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), deleted AS (
+    DELETE FROM {{schema}}.jobs j USING doomed WHERE j.id = doomed.id RETURNING 1
+)
+SELECT count(*)::integer FROM deleted;
+
+-- ---------------------------------------------------------------------------------
+-- Per-type controls, result cache, dead letters, periodic schedules (0002)
+-- ---------------------------------------------------------------------------------
+
+-- name: queue_full
+-- Why an enqueue of type $1 was refused: its max_pending and last pending count
+-- (no row: it was not refused for backpressure).
+SELECT max_pending, pending, counted_at
+FROM {{schema}}.job_types
+WHERE type = $1 AND NOT accepting;
+
+-- name: cached_job
+-- The newest job of type $1 with unique_key $2 that completed within $3 seconds.
+SELECT *, false AS duplicate, true AS cached
+FROM {{schema}}.jobs
+WHERE type = $1 AND unique_key = $2 AND status = 'completed'
+  AND finished_at > now() - make_interval(secs => $3)
+ORDER BY finished_at DESC
+LIMIT 1;
+
+-- name: retry_jobs
+-- Put jobs back to pending, due now: up to $4 jobs of statuses $1 (failed,
+-- cancelled), optionally only of type $2, or only job $3. They keep their error
+-- history; an exhausted job gets one more attempt. Returns the ids.
+UPDATE {{schema}}.jobs SET
+    status = 'pending',
+    run_at = now(),
+    finished_at = NULL,
+    started_at = NULL,
+    heartbeat_at = NULL,
+    owner = NULL,
+    term = NULL,
+    cancel_requested = false,
+    max_attempts = CASE WHEN max_attempts IS NOT NULL AND attempts >= max_attempts
+                        THEN attempts + 1 ELSE max_attempts END
+WHERE id IN (
+    SELECT id FROM {{schema}}.jobs
+    WHERE status = ANY($1::text[])
+      AND ($2::text IS NULL OR type = $2)
+      AND ($3::bigint IS NULL OR id = $3)
+    ORDER BY id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id;
+
+-- name: set_paused
+-- Pause ($2 true) or resume ($2 false) type $1 across the cluster.
+INSERT INTO {{schema}}.job_types (type, paused) VALUES ($1, $2)
+ON CONFLICT (type) DO UPDATE SET paused = EXCLUDED.paused, updated_at = now()
+RETURNING type, paused, max_pending, accepting, pending, counted_at, updated_at;
+
+-- name: list_job_types
+-- Every configured type with its controls.
+SELECT type, paused, max_pending, accepting, pending, counted_at, updated_at
+FROM {{schema}}.job_types
+ORDER BY type;
+
+-- name: paused_types
+-- Types the leader must not claim.
+SELECT type FROM {{schema}}.job_types WHERE paused;
+
+-- name: declare_max_pending
+-- The leader records the app's max_pending per type ($1[i], $2[i]; NULL: no limit).
+INSERT INTO {{schema}}.job_types (type, max_pending)
+SELECT * FROM unnest($1::text[], $2::integer[])
+ON CONFLICT (type) DO UPDATE SET max_pending = EXCLUDED.max_pending, updated_at = now()
+WHERE job_types.max_pending IS DISTINCT FROM EXCLUDED.max_pending;
+
+-- name: refresh_accepting
+-- From pending counts per type ($1[i], $2[i]), reopen or close each limited queue.
+UPDATE {{schema}}.job_types t SET
+    pending = coalesce(c.pending, 0),
+    counted_at = now(),
+    accepting = coalesce(c.pending, 0) < t.max_pending
+FROM (
+    SELECT k.type, p.pending
+    FROM {{schema}}.job_types k
+    LEFT JOIN unnest($1::text[], $2::integer[]) AS p(type, pending) ON p.type = k.type
+    WHERE k.max_pending IS NOT NULL
+) AS c
+WHERE t.type = c.type;
+
+-- name: recent_starts
+-- Seconds ago of each start within the last $2 seconds of types $1 (to seed a new
+-- leader's rate-limit windows); each branch reads a partial index.
+SELECT type, extract(epoch FROM now() - started_at)::double precision AS ago
+FROM {{schema}}.jobs
+WHERE status = 'processing' AND type = ANY($1::text[])
+  AND started_at > now() - make_interval(secs => $2)
+UNION ALL
+SELECT type, extract(epoch FROM now() - started_at)::double precision
+FROM {{schema}}.jobs
+WHERE status IN ('completed', 'failed', 'cancelled') AND type = ANY($1::text[])
+  AND finished_at > now() - make_interval(secs => $2)
+  AND started_at > now() - make_interval(secs => $2)
+UNION ALL
+SELECT type, extract(epoch FROM now() - started_at)::double precision
+FROM {{schema}}.jobs
+WHERE status = 'pending' AND type = ANY($1::text[])
+  AND started_at > now() - make_interval(secs => $2);
+
+-- name: enqueue_scheduled
+-- Enqueue schedule $1's instant $2 as a job of type $3 (payload $4, priority $5,
+-- max_attempts $6), unless that instant already ran: the schedule_runs primary key
+-- makes this exactly once across leaders. Returns the job id, or nothing.
+WITH new_id AS (
+    SELECT nextval(pg_get_serial_sequence('{{schema}}.jobs', 'id')) AS id
+), run AS (
+    INSERT INTO {{schema}}.schedule_runs (schedule, scheduled_for, job_id)
+    SELECT $1, $2, new_id.id FROM new_id
+    ON CONFLICT DO NOTHING
+    RETURNING schedule, scheduled_for, job_id
+)
+INSERT INTO {{schema}}.jobs (id, type, payload, priority, max_attempts, run_at, unique_key)
+SELECT run.job_id, $3, $4::text::jsonb, $5, $6, run.scheduled_for,
+       'periodic:' || run.schedule || ':' || to_char(run.scheduled_for AT TIME ZONE 'UTC',
+                                                      'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+FROM run
+RETURNING id;
+
+-- name: last_scheduled
+-- The latest instant each schedule ($1) was enqueued for.
+SELECT schedule, max(scheduled_for) AS last
+FROM {{schema}}.schedule_runs
+WHERE schedule = ANY($1::text[])
+GROUP BY schedule;
+
+-- name: record_schedule
+-- Show a schedule and its next run (for `dispatcher status` and /status).
+INSERT INTO {{schema}}.schedules (name, cron, timezone, type, next_run_at, last_run_for)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (name) DO UPDATE SET
+    cron = EXCLUDED.cron, timezone = EXCLUDED.timezone, type = EXCLUDED.type,
+    next_run_at = EXCLUDED.next_run_at,
+    last_run_for = greatest(schedules.last_run_for, EXCLUDED.last_run_for),
+    updated_at = now();
+
+-- name: list_schedules
+-- Every registered schedule with its next run.
+SELECT name, cron, timezone, type, next_run_at, last_run_for, updated_at
+FROM {{schema}}.schedules
+ORDER BY name;
+
+-- name: prune_schedule_runs
+-- Forget instants older than $1 seconds (they can never be due again).
+DELETE FROM {{schema}}.schedule_runs
+WHERE scheduled_for < now() - make_interval(secs => $1);
+
+-- name: database_now
+-- The database clock.
+SELECT now();
+
+-- ---------------------------------------------------------------------------------
+-- Worker mode (--mode all): every replica claims
+-- ---------------------------------------------------------------------------------
+
+-- name: lock_types
+-- Serialize claimers of each limited type $1 (in a fixed order: no deadlocks) until
+-- the end of the transaction; the lock key is "dispatcher:type:<schema>:<type>"
+-- with $2 the schema name.
+SELECT count(pg_advisory_xact_lock(hashtextextended('dispatcher:type:' || $2 || ':' || t, 0)))
+FROM (SELECT t FROM unnest($1::text[]) AS t ORDER BY t) AS ordered;
+
+-- name: claim_jobs_worker
+-- Worker-mode claim for owner $1: per type $2[i] at most $3[i] jobs (this replica's
+-- free capacity), never beyond cluster limit $4[i] counting jobs processing anywhere
+-- (NULL: no cluster limit), nor beyond $8[i] starts per $9[i] seconds counting starts
+-- anywhere (NULL: no rate limit); at most $5 in all. Run after lock_types, in the same
+-- transaction, so the counts see every claim committed before ours. Times are the
+-- statement's, not the transaction's: the lock wait comes before the claim.
+WITH running AS (
+    SELECT type, count(*)::integer AS n
+    FROM {{schema}}.jobs
+    WHERE status = 'processing' AND type = ANY($2::text[])
+    GROUP BY type
+),
+limits AS (
+    SELECT * FROM unnest($2::text[], $3::integer[], $4::integer[], $6::integer[],
+                         $7::double precision[], $8::integer[], $9::double precision[])
+        AS c(type, free, cluster_limit, max_attempts, timeout, rate_starts, rate_per)
+),
+started AS (
+    SELECT l.type, (
+        SELECT count(*)::integer FROM (
+            SELECT 1 FROM {{schema}}.jobs
+            WHERE status = 'processing' AND type = l.type
+              AND started_at > now() - make_interval(secs => l.rate_per)
+            UNION ALL
+            SELECT 1 FROM {{schema}}.jobs
+            WHERE status IN ('completed', 'failed', 'cancelled') AND type = l.type
+              AND finished_at > now() - make_interval(secs => l.rate_per)
+              AND started_at > now() - make_interval(secs => l.rate_per)
+            UNION ALL
+            SELECT 1 FROM {{schema}}.jobs
+            WHERE status = 'pending' AND type = l.type
+              AND started_at > now() - make_interval(secs => l.rate_per)
+        ) AS recent
+    ) AS n
+    FROM limits l
+    WHERE l.rate_starts IS NOT NULL
+),
+capacity AS (
+    SELECT l.type,
+           least(l.free,
+                 coalesce(l.cluster_limit - coalesce(r.n, 0), l.free),
+                 coalesce(l.rate_starts - s.n, l.free)) AS free,
+           l.max_attempts, l.timeout
+    FROM limits l
+    LEFT JOIN running r ON r.type = l.type
+    LEFT JOIN started s ON s.type = l.type
+),
+picked AS MATERIALIZED (
+    SELECT j.id, capacity.max_attempts, capacity.timeout
+    FROM capacity
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at
+        FROM {{schema}}.jobs
+        WHERE status = 'pending' AND type = capacity.type
+          AND run_at <= statement_timestamp()
+        ORDER BY priority, run_at, id
+        LIMIT greatest(capacity.free, 0)
+        FOR UPDATE SKIP LOCKED
+    ) j
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {{schema}}.job_types t WHERE t.type = capacity.type AND t.paused
+    )
+    ORDER BY j.priority, j.run_at, j.id
+    LIMIT $5
+)
+UPDATE {{schema}}.jobs j SET
+    status = 'processing',
+    attempts = j.attempts + 1,
+    started_at = statement_timestamp(),
+    heartbeat_at = statement_timestamp(),
+    owner = $1,
+    term = NULL,
+    progress = NULL,
+    max_attempts = coalesce(j.max_attempts, picked.max_attempts),
+    timeout = coalesce(j.timeout, picked.timeout)
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.type, j.payload::text AS payload, j.attempts, j.max_attempts, j.timeout,
+          greatest(extract(epoch FROM j.started_at - j.run_at), 0)::double precision AS waited,
+          j.cancel_requested;

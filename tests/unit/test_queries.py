@@ -1,0 +1,61 @@
+"""Named queries: parsing, schema substitution, placeholder rewriting."""
+
+from __future__ import annotations
+
+import pytest
+
+from dispatcher.errors import ConfigError
+from dispatcher.queries import (
+    for_psycopg,
+    parse_named_queries,
+    psycopg_params,
+    queries_for,
+)
+from dispatcher.schema import SchemaNames, validate_schema_name
+
+
+def test_parse_named_queries_splits_on_headers() -> None:
+    text = "-- preamble\n-- name: one\n-- first\nSELECT 1;\n\n-- name: two\nSELECT $1;\n"
+    assert parse_named_queries(text) == {"one": "-- first\nSELECT 1", "two": "SELECT $1"}
+
+
+def test_parse_named_queries_refuses_a_repeated_name() -> None:
+    with pytest.raises(ValueError, match="'one' is defined twice"):
+        parse_named_queries("-- name: one\nSELECT 1;\n-- name: one\nSELECT 2;\n")
+
+
+def test_queries_for_substitutes_the_quoted_schema_everywhere() -> None:
+    queries = queries_for("my_app")
+    assert '"my_app".jobs' in queries["get_job"]
+    assert all("{{schema}}" not in sql for sql in queries.values())
+
+
+def test_unknown_query_name_lists_the_known_ones() -> None:
+    with pytest.raises(KeyError, match=r"no query named 'nope'.*get_job"):
+        queries_for("dispatcher")["nope"]
+
+
+def test_for_psycopg_rewrites_placeholders_and_escapes_percent() -> None:
+    sql = "SELECT $1, $2, $1 WHERE x LIKE 'a%' AND $10 > 0"
+    assert for_psycopg(sql) == ("SELECT %(p1)s, %(p2)s, %(p1)s WHERE x LIKE 'a%%' AND %(p10)s > 0")
+    assert psycopg_params(["a", "b"]) == {"p1": "a", "p2": "b"}
+
+
+@pytest.mark.parametrize("name", ["dispatcher", "t_0123", "_x", "a" * 40])
+def test_valid_schema_names(name: str) -> None:
+    assert validate_schema_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "Upper", "1abc", "has-dash", 'q"uote', "a" * 41, "x y"])
+def test_invalid_schema_names_are_refused_with_the_rule(name: str) -> None:
+    with pytest.raises(ConfigError, match="use 1-40 characters of a-z, 0-9 and _"):
+        validate_schema_name(name)
+
+
+def test_schema_names_derive_channels_and_locks() -> None:
+    names = SchemaNames("app")
+    assert names.quoted == '"app"'
+    assert names.jobs_channel == "app.jobs"
+    assert names.cancel_channel == "app.cancel"
+    assert names.leader_channel == "app.leader"
+    assert names.leader_lock_name != names.migration_lock_name
