@@ -13,13 +13,13 @@ one bad outcome is found, which is then recorded as a failed attempt instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 
+from dispatcher.cancellation import wait_for_event
 from dispatcher.database_errors import describe, is_transient
 from dispatcher.executor import Outcome, OutcomeKind
 from dispatcher.log import get_logger
@@ -88,9 +88,7 @@ class Completer:
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every submitted outcome is written; False on timeout."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        return self._idle.is_set()
+        return await wait_for_event(self._idle, timeout)
 
     # --- writing ---------------------------------------------------------------------
 

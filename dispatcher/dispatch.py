@@ -27,7 +27,6 @@ exact; the global limit then bounds each replica on its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from typing import Any
 import asyncpg
 
 from dispatcher.app import App
+from dispatcher.cancellation import cancel_and_wait, wait_for_event
 from dispatcher.completer import Completer
 from dispatcher.database_errors import describe, is_transient
 from dispatcher.executor import Attempt, CancelReason, Outcome, OutcomeKind, run_attempt
@@ -150,9 +150,7 @@ class Dispatcher:
         self._term = None
         task, self._loop_task = self._loop_task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
 
     def wake(self, source: str) -> None:
         """Ask the claim loop to look for work now."""
@@ -176,10 +174,9 @@ class Dispatcher:
             timeout = self._poll_interval
             if self._next_due is not None:
                 timeout = max(0.0, min(timeout, self._next_due - time.monotonic()))
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            if await wait_for_event(self._wake, timeout):
                 source = self._wake_source
-            except TimeoutError:
+            else:
                 due = self._next_due is not None and self._next_due <= time.monotonic()
                 source = "timer" if due else "poll"
             if self._next_due is not None and self._next_due <= time.monotonic():
@@ -418,8 +415,7 @@ class Dispatcher:
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no attempt is in flight (all written); False on timeout."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
+        await wait_for_event(self._idle, timeout)
         return not self.attempts
 
     def running_by_type(self) -> dict[str, int]:

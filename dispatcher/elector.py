@@ -56,7 +56,6 @@ keeps its socket, so it resumes leading).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import time
 from collections.abc import Awaitable, Callable
@@ -65,6 +64,7 @@ from typing import Any
 
 import asyncpg
 
+from dispatcher.cancellation import wait_for_event
 from dispatcher.log import get_logger
 from dispatcher.metrics import Metrics
 from dispatcher.notifier import Notifier
@@ -186,8 +186,7 @@ class Elector:
             )
             remaining = interval - (time.monotonic() - started)
             if remaining > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), remaining)
+                await wait_for_event(self._wake, remaining)
 
     async def run_once(self) -> None:
         """One step: renew the lease if leading, else try to become leader."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncpg
 
+from dispatcher.cancellation import cancel_and_wait, wait_for_event
 from dispatcher.log import get_logger
 
 NotificationCallback = Callable[[str], None]
@@ -115,7 +116,8 @@ class Notifier:
             conn = self._conn
             if conn is not None and not conn.is_closed():
                 return conn
-            await asyncio.wait_for(self._connected.wait(), timeout)
+            if not await wait_for_event(self._connected, timeout):
+                raise TimeoutError(f"no database connection after {timeout}s")
 
     def reset(self, reason: str) -> None:
         """Drop the connection (the loop reconnects); used when it cannot be trusted."""
@@ -150,13 +152,12 @@ class Notifier:
         self._closing = True
         self._lost.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2)
+                async with asyncio.timeout(2):
+                    await conn.close()
             if not conn.is_closed():
                 conn.terminate()
 

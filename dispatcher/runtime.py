@@ -28,6 +28,7 @@ import uvicorn
 
 from dispatcher.api import build_api
 from dispatcher.app import App
+from dispatcher.cancellation import cancel_and_wait
 from dispatcher.completer import Completer
 from dispatcher.config import Settings
 from dispatcher.dispatch import Dispatcher
@@ -300,13 +301,7 @@ class Runtime:
     async def _report_stuck_shutdown(self, after: float) -> None:
         """A shutdown this slow is a bug: log where every task is waiting."""
         await asyncio.sleep(after)
-        stacks = {}
-        for task in asyncio.all_tasks():
-            frames = task.get_stack(limit=8)
-            stacks[task.get_name()] = [
-                f"{f.f_code.co_filename.rsplit('/', 1)[-1]}:{f.f_lineno} {f.f_code.co_name}"
-                for f in frames
-            ]
+        stacks = {task.get_name(): _awaiting(task) for task in asyncio.all_tasks()}
         self.log.error("shutdown_stuck", after=after, tasks=stacks)
 
     async def _stop(self, s: Settings) -> None:
@@ -323,21 +318,23 @@ class Runtime:
         for hook in self.app.shutdown_hooks:
             name = getattr(hook, "__qualname__", repr(hook))
             try:
-                await asyncio.wait_for(hook(), SHUTDOWN_HOOK_TIMEOUT)
+                async with asyncio.timeout(SHUTDOWN_HOOK_TIMEOUT):
+                    await hook()
             except TimeoutError:
                 self.log.error("shutdown_hook_timed_out", hook=name, after=SHUTDOWN_HOOK_TIMEOUT)
             except Exception:
                 self.log.exception("shutdown_hook_failed", hook=name)
         if self._http is not None:
             self._http.should_exit = True
-        await self._cancel(self._tasks.leading)
-        await self._cancel(self._tasks.always)
+        await cancel_and_wait(self._tasks.leading)
+        await cancel_and_wait(self._tasks.always)
         await self.registry.remove()
         await self.notifier.close()
         if self._pool is not None:
             try:
                 # close() waits for every borrowed connection; never wait forever.
-                await asyncio.wait_for(self._pool.close(), POOL_CLOSE_TIMEOUT)
+                async with asyncio.timeout(POOL_CLOSE_TIMEOUT):
+                    await self._pool.close()
             except TimeoutError:
                 self.log.warning("pool_close_timed_out", after=POOL_CLOSE_TIMEOUT)
                 self._pool.terminate()
@@ -385,7 +382,7 @@ class Runtime:
     async def _deposed(self, reason: str) -> None:
         if self.settings.mode == "leader":
             await self.dispatcher.step_down()
-        await self._cancel(self._tasks.leading)
+        await cancel_and_wait(self._tasks.leading)
         self._tasks.leading.clear()
         self.periodic.forget()
 
@@ -442,13 +439,20 @@ class Runtime:
         sync = [s for s in self.app.executors.values() if not s.is_async]
         return min(limit, sum(s.concurrency or limit for s in sync)) if sync else 1
 
-    @staticmethod
-    async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+
+def _awaiting(task: asyncio.Task[Any], depth: int = 12) -> list[str]:
+    """Where a task is suspended, outermost first: its await chain, which
+    ``Task.get_stack`` does not follow on Python 3.11."""
+    where: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and len(where) < depth:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            break
+        code = frame.f_code
+        where.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} {code.co_name}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return where
 
 
 class _HttpServer(uvicorn.Server):

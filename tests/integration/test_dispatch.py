@@ -369,3 +369,32 @@ async def test_a_hanging_shutdown_hook_cannot_hold_the_shutdown(
     assert ran == ["startup"]
     await asyncio.wait_for(runtime.stop(), 10)
     assert ran == ["startup", "shutdown"]
+
+
+def parked_in_its_wait(task: asyncio.Task[None] | None) -> bool:
+    """True while the claim loop sits in its wake-up wait (not claiming)."""
+    if task is None or task.done():
+        return False
+    waiting_on = task.get_coro().cr_await  # type: ignore[union-attr]
+    return getattr(waiting_on, "__qualname__", "") in {"wait_for", "wait_for_event"}
+
+
+async def test_a_leader_woken_as_it_stops_still_stops(
+    db: TestDatabase, start_runtime: StartRuntime
+) -> None:
+    # A NOTIFY landing in the same loop iteration as the shutdown's cancel was once
+    # swallowed by asyncio.wait_for (Python 3.11): the claim loop never ended and the
+    # graceful shutdown hung with the lease unreleased.
+    runtime = await start_runtime(make_app())
+
+    async def parked() -> bool:
+        return runtime.elector.is_leader() and parked_in_its_wait(runtime.dispatcher._loop_task)
+
+    await eventually(parked, timeout=10, what="the leader's claim loop to wait for work")
+    runtime.dispatcher.wake("notify")
+    # asyncio.wait, not a timeout: a cancel could be swallowed by the very bug.
+    stopping = asyncio.create_task(runtime.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=10)
+    assert stopping in done, "the shutdown hung: the claim loop ignored its cancel"
+    stopping.result()
+    assert runtime.dispatcher._loop_task is None

@@ -1,0 +1,70 @@
+"""Timed waits and task cancellation that never swallow a cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dispatcher.cancellation import cancel_and_wait, wait_for_event
+
+
+async def test_returns_true_once_the_event_is_set() -> None:
+    event = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.01, event.set)
+    assert await wait_for_event(event, 5) is True
+
+
+async def test_returns_false_when_the_timeout_passes_first() -> None:
+    assert await wait_for_event(asyncio.Event(), 0.01) is False
+
+
+async def test_a_cancel_in_the_same_iteration_as_the_set_still_cancels() -> None:
+    # asyncio.wait_for(event.wait(), t) returns normally here on Python 3.11: a loop
+    # waiting on a wake-up event then never stops.
+    event = asyncio.Event()
+    waiter = asyncio.create_task(wait_for_event(event, 5))
+    await asyncio.sleep(0)  # parked in event.wait()
+    event.set()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+
+
+async def test_cancel_and_wait_waits_for_each_task_to_end_and_consumes_its_error() -> None:
+    ended: list[str] = []
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.05)  # cleanup that takes a moment
+            ended.append("slow")
+
+    async def fails() -> None:
+        raise ValueError("already failed")
+
+    failed = asyncio.create_task(fails())
+    slow = asyncio.create_task(slow_to_stop())
+    await asyncio.sleep(0)
+    await cancel_and_wait([slow, failed])
+    assert ended == ["slow"] and slow.cancelled() and failed.done()
+
+
+async def test_cancel_and_wait_never_swallows_the_callers_own_cancellation() -> None:
+    # The old spelling (cancel; suppress(CancelledError): await task) returned
+    # normally here, so a deadline around a shutdown silently stopped applying.
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.2)
+
+    slow = asyncio.create_task(slow_to_stop())
+    await asyncio.sleep(0)
+    caller = asyncio.create_task(cancel_and_wait([slow]))
+    await asyncio.sleep(0.05)  # the caller now waits for slow's cleanup
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.wait({slow})
