@@ -252,10 +252,13 @@ async def test_graceful_shutdown_requeues_unfinished_jobs_without_spending_an_at
     db: TestDatabase, start_runtime: StartRuntime
 ) -> None:
     runtime = await start_runtime(make_app(), shutdown_timeout="0.3")
-    (job_id,) = await insert(db, "t.slow", [{}])
     conn = await db.connect()
     try:
-        await conn.execute(f"UPDATE {db.jobs} SET timeout = 60 WHERE id = $1", job_id)
+        # The long timeout goes in with the row: t.slow's own 0.3 s would fail the
+        # attempt before the shutdown if the leader claimed it first.
+        job_id = await conn.fetchval(
+            f"INSERT INTO {db.jobs} (type, timeout) VALUES ('t.slow', 60) RETURNING id"
+        )
         await wait_status(db, job_id, "processing")
         await runtime.stop()
         row = await job_row(db, job_id)
