@@ -40,15 +40,14 @@ class QueueStats:
         self._metrics = metrics
         self._interval = interval
         self._log = log or get_logger("queue_stats")
+        # Declared once per term: whichever replica leads, its app is the reference.
+        self._declared = False
 
     async def run(self) -> None:
-        declared = False
+        self._declared = False
         try:
             while True:
                 try:
-                    if not declared:
-                        await self.declare_limits()
-                        declared = True
                     await self.run_once()
                 except Exception as exc:
                     self._metrics.database_errors.labels("queue_stats").inc()
@@ -69,6 +68,11 @@ class QueueStats:
             )
 
     async def run_once(self) -> None:
+        """One count: gauges, and every max_pending queue closed or reopened."""
+        if not self._declared:
+            # Before the first count, or it would judge against stale limits.
+            await self.declare_limits()
+            self._declared = True
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(self._sql)
             await conn.execute(

@@ -8,10 +8,13 @@ import datetime as dt
 import json
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
 from dispatcher import AsyncClient, QueueFull
+from dispatcher.metrics import Metrics
+from dispatcher.queue_stats import QueueStats
 from dispatcher.runtime import Runtime
 from tests.support.apps import make_feature_app, seen
 from tests.support.database import TestDatabase
@@ -233,6 +236,22 @@ async def test_max_pending_refuses_the_next_enqueue_with_queue_full_and_429(
         await conn.close()
     await runtime.queue_stats.run_once()
     assert (await client.enqueue("t.limited", {"n": 5})).id
+
+
+async def test_a_new_leaders_first_count_already_applies_max_pending(db: TestDatabase) -> None:
+    # The first count once ran before the limits were declared, judging against none
+    # (seen as a flaky QueueFull test right after an election).
+    pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=2)
+    try:
+        client = AsyncClient(pool=pool, schema=db.schema)
+        for n in range(3):
+            await client.enqueue("t.limited", {"n": n})
+        stats = QueueStats(pool, db.schema, Metrics(), interval=60, max_pending={"t.limited": 3})
+        await stats.run_once()
+        with pytest.raises(QueueFull, match="max_pending 3"):
+            await client.enqueue("t.limited", {"n": 3})
+    finally:
+        await pool.close()
 
 
 async def test_rate_limit_caps_starts_per_window_across_a_leader_change(
