@@ -6,7 +6,9 @@ and a deposed leader clears them, so summing across replicas never counts twice.
 Backpressure: the same count closes (or reopens) the queue of every type with a
 ``max_pending``: ``job_types.accepting``, which an enqueue checks by primary key
 instead of counting. Precision: one pass (``interval``); producers can overshoot
-``max_pending`` by what they enqueue in that time.
+``max_pending`` by what they enqueue in that time. A count is written only if no newer
+one was (counts overlap across a leader change), so a stale count never reopens a
+queue that a newer one closed.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class QueueStats:
             # Before the first count, or it would judge against stale limits.
             await self.declare_limits()
             self._declared = True
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(self._sql)
             await conn.execute(
                 self._queries["refresh_accepting"],

@@ -606,6 +606,10 @@ WHERE job_types.max_pending IS DISTINCT FROM EXCLUDED.max_pending;
 
 -- name: refresh_accepting
 -- From pending counts per type ($1[i], $2[i]), reopen or close each limited queue.
+-- Run in the count's transaction: now() is its start, just before the count's
+-- snapshot, so a count never overwrites a newer one (two counts can overlap: across
+-- a leader change, or a call beside the leader's loop). A counted_at far ahead can
+-- only come from a clock stepped back: it must not freeze the queue until then.
 UPDATE {{schema}}.job_types t SET
     pending = coalesce(c.pending, 0),
     counted_at = now(),
@@ -616,7 +620,9 @@ FROM (
     LEFT JOIN unnest($1::text[], $2::integer[]) AS p(type, pending) ON p.type = k.type
     WHERE k.max_pending IS NOT NULL
 ) AS c
-WHERE t.type = c.type;
+WHERE t.type = c.type
+  AND (t.counted_at IS NULL OR t.counted_at < now()
+       OR t.counted_at > now() + interval '10 seconds');
 
 -- name: recent_starts
 -- Seconds ago of each start within the last $2 seconds of types $1 (to seed a new

@@ -14,6 +14,7 @@ import pytest
 
 from dispatcher import AsyncClient, QueueFull
 from dispatcher.metrics import Metrics
+from dispatcher.queries import queries_for
 from dispatcher.queue_stats import QueueStats
 from dispatcher.runtime import Runtime
 from tests.support.apps import make_feature_app, seen
@@ -251,6 +252,35 @@ async def test_a_new_leaders_first_count_already_applies_max_pending(db: TestDat
         with pytest.raises(QueueFull, match="max_pending 3"):
             await client.enqueue("t.limited", {"n": 3})
     finally:
+        await pool.close()
+
+
+async def test_a_stale_count_never_reopens_a_queue_that_a_newer_count_closed(
+    db: TestDatabase,
+) -> None:
+    # Two counts overlap across a leader change (or beside the loop): the older one,
+    # written last, once reopened the queue the newer one had closed.
+    queries = queries_for(db.schema)
+    pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=2)
+    stale = await db.connect()
+    try:
+        client = AsyncClient(pool=pool, schema=db.schema)
+        stats = QueueStats(pool, db.schema, Metrics(), interval=60, max_pending={"t.limited": 3})
+        await stats.run_once()
+        async with stale.transaction():
+            counted = await stale.fetch(queries["queue_depth"])  # before the jobs exist
+            for n in range(3):
+                await client.enqueue("t.limited", {"n": n})
+            await stats.run_once()  # a newer count closes the queue
+            await stale.execute(
+                queries["refresh_accepting"],
+                [row["type"] for row in counted],
+                [row["ready"] + row["scheduled"] for row in counted],
+            )
+        with pytest.raises(QueueFull, match="about 3 jobs pending"):
+            await client.enqueue("t.limited", {"n": 3})
+    finally:
+        await stale.close()
         await pool.close()
 
 
