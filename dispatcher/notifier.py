@@ -114,8 +114,13 @@ class Notifier:
         """The live connection, waiting (up to ``timeout``) while it reconnects."""
         while True:
             conn = self._conn
-            if conn is not None and not conn.is_closed():
-                return conn
+            if conn is not None:
+                if not conn.is_closed():
+                    return conn
+                # Closed, but asyncpg runs our termination callback only on the next
+                # loop iteration: mark it lost now, or the still-set event would send
+                # us round this loop forever without yielding.
+                self._mark_lost(conn)
             if not await wait_for_event(self._connected, timeout):
                 raise TimeoutError(f"no database connection after {timeout}s")
 

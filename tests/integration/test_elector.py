@@ -427,3 +427,21 @@ async def test_a_claim_racing_an_election_is_fenced(db: TestDatabase) -> None:
     finally:
         await claimer.close()
         await elector.close()
+
+
+@pytest.mark.timeout(20)  # the bug spun the event loop: only the signal could end it
+async def test_asking_for_the_connection_just_after_it_closed_waits_for_the_next(
+    db: TestDatabase,
+) -> None:
+    # asyncpg runs termination callbacks on the next loop iteration. Asked in between,
+    # the notifier once saw its "connected" event still set but the connection closed,
+    # and looped on the two without ever yielding.
+    notifier = Notifier(db.dsn, backoff_base=0.01)
+    notifier.start()
+    try:
+        first = await notifier.connection(timeout=10)
+        first.terminate()  # as a server-side close would: the callback is still queued
+        second = await notifier.connection(timeout=10)
+        assert second is not first and not second.is_closed()
+    finally:
+        await notifier.close()
