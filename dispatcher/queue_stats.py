@@ -6,9 +6,9 @@ and a deposed leader clears them, so summing across replicas never counts twice.
 Backpressure: the same count closes (or reopens) the queue of every type with a
 ``max_pending``: ``job_types.accepting``, which an enqueue checks by primary key
 instead of counting. Precision: one pass (``interval``); producers can overshoot
-``max_pending`` by what they enqueue in that time. A count is written only if no newer
-one was (counts overlap across a leader change), so a stale count never reopens a
-queue that a newer one closed.
+``max_pending`` by what they enqueue in that time. Counts are serialized by a
+transaction lock (they overlap across a leader change), so a stale count never
+reopens a queue that a newer one closed.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class QueueStats:
         log: Any = None,
     ) -> None:
         self._pool = pool
+        self._schema = schema
         self._queries = queries_for(schema)
         self._sql = self._queries["queue_depth"]
         self._max_pending = max_pending or {}
@@ -76,6 +77,7 @@ class QueueStats:
             await self.declare_limits()
             self._declared = True
         async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(self._queries["lock_queue_count"], self._schema)
             rows = await conn.fetch(self._sql)
             await conn.execute(
                 self._queries["refresh_accepting"],

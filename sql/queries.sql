@@ -604,12 +604,16 @@ SELECT * FROM unnest($1::text[], $2::integer[])
 ON CONFLICT (type) DO UPDATE SET max_pending = EXCLUDED.max_pending, updated_at = now()
 WHERE job_types.max_pending IS DISTINCT FROM EXCLUDED.max_pending;
 
+-- name: lock_queue_count
+-- Serialize queue counts of schema $1 until the end of the transaction. Two counts can
+-- overlap (across a leader change, or a call beside the leader's loop); taken after
+-- this lock, a count sees every count committed before it, so the last one written is
+-- always the newest and a stale count never reopens a queue a newer one closed.
+SELECT pg_advisory_xact_lock(hashtextextended('dispatcher:queue_count:' || $1, 0));
+
 -- name: refresh_accepting
 -- From pending counts per type ($1[i], $2[i]), reopen or close each limited queue.
--- Run in the count's transaction: now() is its start, just before the count's
--- snapshot, so a count never overwrites a newer one (two counts can overlap: across
--- a leader change, or a call beside the leader's loop). A counted_at far ahead can
--- only come from a clock stepped back: it must not freeze the queue until then.
+-- Run after lock_queue_count and the count, in their transaction.
 UPDATE {{schema}}.job_types t SET
     pending = coalesce(c.pending, 0),
     counted_at = now(),
@@ -620,9 +624,7 @@ FROM (
     LEFT JOIN unnest($1::text[], $2::integer[]) AS p(type, pending) ON p.type = k.type
     WHERE k.max_pending IS NOT NULL
 ) AS c
-WHERE t.type = c.type
-  AND (t.counted_at IS NULL OR t.counted_at < now()
-       OR t.counted_at > now() + interval '10 seconds');
+WHERE t.type = c.type;
 
 -- name: recent_starts
 -- Seconds ago of each start within the last $2 seconds of types $1 (to seed a new

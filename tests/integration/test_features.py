@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -239,49 +240,64 @@ async def test_max_pending_refuses_the_next_enqueue_with_queue_full_and_429(
     assert (await client.enqueue("t.limited", {"n": 5})).id
 
 
-async def test_a_new_leaders_first_count_already_applies_max_pending(db: TestDatabase) -> None:
-    # The first count once ran before the limits were declared, judging against none
-    # (seen as a flaky QueueFull test right after an election).
-    pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=2)
+@pytest.fixture
+async def limited_queue(db: TestDatabase) -> AsyncIterator[tuple[AsyncClient, QueueStats]]:
+    """A client, and the counts of a leader whose app gives t.limited max_pending 3."""
+    pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=3)
     try:
-        client = AsyncClient(pool=pool, schema=db.schema)
-        for n in range(3):
-            await client.enqueue("t.limited", {"n": n})
         stats = QueueStats(pool, db.schema, Metrics(), interval=60, max_pending={"t.limited": 3})
-        await stats.run_once()
-        with pytest.raises(QueueFull, match="max_pending 3"):
-            await client.enqueue("t.limited", {"n": 3})
+        yield AsyncClient(pool=pool, schema=db.schema), stats
     finally:
         await pool.close()
 
 
+async def test_a_new_leaders_first_count_already_applies_max_pending(
+    limited_queue: tuple[AsyncClient, QueueStats],
+) -> None:
+    # The first count once ran before the limits were declared, judging against none
+    # (seen as a flaky QueueFull test right after an election).
+    client, stats = limited_queue
+    for n in range(3):
+        await client.enqueue("t.limited", {"n": n})
+    await stats.run_once()
+    with pytest.raises(QueueFull, match="max_pending 3"):
+        await client.enqueue("t.limited", {"n": 3})
+
+
 async def test_a_stale_count_never_reopens_a_queue_that_a_newer_count_closed(
-    db: TestDatabase,
+    db: TestDatabase, limited_queue: tuple[AsyncClient, QueueStats]
 ) -> None:
     # Two counts overlap across a leader change (or beside the loop): the older one,
     # written last, once reopened the queue the newer one had closed.
+    client, stats = limited_queue
     queries = queries_for(db.schema)
-    pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=2)
-    stale = await db.connect()
+    await stats.run_once()
+    older = await db.connect()
     try:
-        client = AsyncClient(pool=pool, schema=db.schema)
-        stats = QueueStats(pool, db.schema, Metrics(), interval=60, max_pending={"t.limited": 3})
-        await stats.run_once()
-        async with stale.transaction():
-            counted = await stale.fetch(queries["queue_depth"])  # before the jobs exist
+        async with older.transaction():
+            await older.execute(queries["lock_queue_count"], db.schema)
+            counted = await older.fetch(queries["queue_depth"])  # before the jobs exist
             for n in range(3):
                 await client.enqueue("t.limited", {"n": n})
-            await stats.run_once()  # a newer count closes the queue
-            await stale.execute(
+            newer = asyncio.create_task(stats.run_once())
+
+            async def newer_waits_or_ended() -> bool:
+                waiting = await older.fetchval(
+                    "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                )
+                return newer.done() or waiting
+
+            await eventually(newer_waits_or_ended, timeout=10, what="the newer count")
+            await older.execute(
                 queries["refresh_accepting"],
                 [row["type"] for row in counted],
                 [row["ready"] + row["scheduled"] for row in counted],
             )
+        await newer
         with pytest.raises(QueueFull, match="about 3 jobs pending"):
             await client.enqueue("t.limited", {"n": 3})
     finally:
-        await stale.close()
-        await pool.close()
+        await older.close()
 
 
 async def test_rate_limit_caps_starts_per_window_across_a_leader_change(
