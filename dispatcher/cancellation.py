@@ -11,6 +11,8 @@ Likewise ``task.cancel(); with suppress(CancelledError): await task`` swallows t
 *caller's* cancellation if it arrives while it waits, so a deadline around a shutdown
 silently stops applying. :func:`cancel_and_wait` waits with ``asyncio.wait``, which
 never raises the tasks' errors and always raises the caller's own cancellation.
+
+When a wait hangs all the same, :func:`awaiting` says where each task is suspended.
 """
 
 from __future__ import annotations
@@ -46,3 +48,18 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
     for task in pending:
         if not task.cancelled():
             task.exception()  # consumed: "exception was never retrieved" otherwise
+
+
+def awaiting(task: asyncio.Task[Any], depth: int = 12) -> list[str]:
+    """Where a task is suspended, outermost first: its await chain, which
+    ``Task.get_stack`` does not follow on Python 3.11."""
+    where: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and len(where) < depth:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            break
+        code = frame.f_code
+        where.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} {code.co_name}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return where

@@ -28,7 +28,7 @@ import uvicorn
 
 from dispatcher.api import build_api
 from dispatcher.app import App
-from dispatcher.cancellation import cancel_and_wait
+from dispatcher.cancellation import awaiting, cancel_and_wait
 from dispatcher.completer import Completer
 from dispatcher.config import Settings
 from dispatcher.dispatch import Dispatcher
@@ -301,7 +301,7 @@ class Runtime:
     async def _report_stuck_shutdown(self, after: float) -> None:
         """A shutdown this slow is a bug: log where every task is waiting."""
         await asyncio.sleep(after)
-        stacks = {task.get_name(): _awaiting(task) for task in asyncio.all_tasks()}
+        stacks = {task.get_name(): awaiting(task) for task in asyncio.all_tasks()}
         self.log.error("shutdown_stuck", after=after, tasks=stacks)
 
     async def _stop(self, s: Settings) -> None:
@@ -438,21 +438,6 @@ class Runtime:
         limit = self.settings.concurrency or self.app.concurrency
         sync = [s for s in self.app.executors.values() if not s.is_async]
         return min(limit, sum(s.concurrency or limit for s in sync)) if sync else 1
-
-
-def _awaiting(task: asyncio.Task[Any], depth: int = 12) -> list[str]:
-    """Where a task is suspended, outermost first: its await chain, which
-    ``Task.get_stack`` does not follow on Python 3.11."""
-    where: list[str] = []
-    awaited: Any = task.get_coro()
-    while awaited is not None and len(where) < depth:
-        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
-        if frame is None:
-            break
-        code = frame.f_code
-        where.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} {code.co_name}")
-        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
-    return where
 
 
 class _HttpServer(uvicorn.Server):

@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from dispatcher.cancellation import awaiting
 from dispatcher.examples import app as examples_app
 from dispatcher.runtime import Runtime
 from tests.support.apps import make_app, seen
@@ -378,8 +379,8 @@ def parked_in_its_wait(task: asyncio.Task[None] | None) -> bool:
     """True while the claim loop sits in its wake-up wait (not claiming)."""
     if task is None or task.done():
         return False
-    waiting_on = task.get_coro().cr_await  # type: ignore[union-attr]
-    return getattr(waiting_on, "__qualname__", "") in {"wait_for", "wait_for_event"}
+    chain = awaiting(task)  # the claim loop, then what it awaits
+    return len(chain) > 1 and chain[1].split()[-1] in {"wait_for", "wait_for_event"}
 
 
 async def test_a_leader_woken_as_it_stops_still_stops(

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from dispatcher.cancellation import cancel_and_wait, wait_for_event
+from dispatcher.cancellation import awaiting, cancel_and_wait, wait_for_event
 
 
 async def test_returns_true_once_the_event_is_set() -> None:
@@ -68,3 +68,20 @@ async def test_cancel_and_wait_never_swallows_the_callers_own_cancellation() -> 
     with pytest.raises(asyncio.CancelledError):
         await caller
     await asyncio.wait({slow})
+
+
+async def test_awaiting_follows_the_await_chain_of_a_suspended_task() -> None:
+    event = asyncio.Event()
+
+    async def inner() -> None:
+        await wait_for_event(event, 5)
+
+    async def outer() -> None:
+        await inner()
+
+    task = asyncio.create_task(outer())
+    await asyncio.sleep(0)
+    names = [where.split()[-1] for where in awaiting(task)]
+    event.set()
+    await task
+    assert names[:3] == ["outer", "inner", "wait_for_event"]
