@@ -27,6 +27,7 @@ exact; the global limit then bounds each replica on its own.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -70,6 +71,7 @@ class Dispatcher:
         claim_batch: int | None = None,
         mode: str = "leader",
         on_progress: Callable[[Job], None] | None = None,
+        start_within: float = math.inf,
         metrics: Metrics | None = None,
         log: Any = None,
     ) -> None:
@@ -93,6 +95,8 @@ class Dispatcher:
         # completion of the previous slice: Python and Postgres work side by side.
         self._claim_batch = claim_batch or max(CLAIM_BATCH_MIN, self.limit // CLAIM_SLICES)
         self._on_progress = on_progress
+        # An attempt not started this long after its claim may have been rescued.
+        self._start_within = start_within
         self._metrics = metrics
         self._log = log or get_logger("dispatch")
         self._running: Counter[str] = Counter()
@@ -298,8 +302,9 @@ class Dispatcher:
                 )
         claimed: Counter[str] = Counter()
         loop = asyncio.get_running_loop()
+        start_by = time.monotonic() + self._start_within
         for row in rows:
-            self._start(row, loop)
+            self._start(row, loop, start_by)
             claimed[row["type"]] += 1
         if rows:
             self._idle.clear()
@@ -359,7 +364,7 @@ class Dispatcher:
 
     # --- attempts ---------------------------------------------------------------------
 
-    def _start(self, row: asyncpg.Record, loop: asyncio.AbstractEventLoop) -> None:
+    def _start(self, row: asyncpg.Record, loop: asyncio.AbstractEventLoop, start_by: float) -> None:
         type_ = row["type"]
         spec = self.app.executors[type_]
         job = Job(
@@ -372,7 +377,7 @@ class Dispatcher:
             self._on_progress,
             threaded=not spec.is_async,
         )
-        attempt = Attempt(job, spec)
+        attempt = Attempt(job, spec, start_by)
         self.attempts[job.id] = attempt
         self._running[type_] += 1
         if self._metrics is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import time
 import traceback
 from collections.abc import Callable
@@ -19,9 +20,12 @@ from dispatcher.app import ExecutorSpec
 from dispatcher.errors import InvalidJob, PermanentError, RetryAfter, Snooze
 from dispatcher.job import Job
 from dispatcher.jobs import encode_json
+from dispatcher.log import get_logger
 
 MAX_ERROR_LENGTH = 2000
 MAX_TRACEBACK_LENGTH = 4000
+
+_log = get_logger("executor")
 
 
 class OutcomeKind(enum.StrEnum):
@@ -31,7 +35,7 @@ class OutcomeKind(enum.StrEnum):
     FAILED = "failed"  # for good
     RETRY = "retry"  # failed attempt, runs again after a delay
     SNOOZE = "snooze"  # runs again after a delay, attempt not spent
-    REQUEUE = "requeue"  # shutdown: pending again now, attempt not spent
+    REQUEUE = "requeue"  # shutdown, or started too late: pending again now, attempt not spent
     CANCELLED = "cancelled"
     DROPPED = "dropped"  # no longer ours (taken over): nothing to write
 
@@ -59,13 +63,18 @@ class Outcome:
 
 
 class Attempt:
-    """A running attempt: its job, executor, task, and why it was cancelled (if it was)."""
+    """A running attempt: its job, executor, task, and why it was cancelled (if it was).
 
-    __slots__ = ("cancel_reason", "finished", "job", "spec", "task")
+    ``start_by`` (monotonic): an attempt whose executor could not start by then is
+    handed back unrun (see :func:`run_attempt`).
+    """
 
-    def __init__(self, job: Job, spec: ExecutorSpec) -> None:
+    __slots__ = ("cancel_reason", "finished", "job", "spec", "start_by", "task")
+
+    def __init__(self, job: Job, spec: ExecutorSpec, start_by: float = math.inf) -> None:
         self.job = job
         self.spec = spec
+        self.start_by = start_by
         self.task: asyncio.Future[Any] | None = None
         self.cancel_reason: CancelReason | None = None
         self.finished = False
@@ -124,6 +133,8 @@ async def run_attempt(
     job, spec = attempt.job, attempt.spec
     timeout = job.timeout
     started = time.monotonic()
+    if started > attempt.start_by:
+        return _started_too_late(attempt, started, deliver)
     timer: asyncio.Timeout | None = None
     try:
         if spec.is_async:
@@ -172,6 +183,27 @@ async def run_attempt(
     finally:
         attempt.finished = True
     outcome.duration = time.monotonic() - started
+    if deliver is not None:
+        deliver(outcome)
+    return outcome
+
+
+def _started_too_late(
+    attempt: Attempt, now: float, deliver: Callable[[Outcome], None] | None
+) -> Outcome:
+    # Claimed, then held up (a process paused between the claim and the start, a
+    # stalled loop) until the reaper may have rescued the job: running it now could
+    # run beside its retry. Hand it back unspent; if it was rescued, the completer's
+    # fencing drops this.
+    job = attempt.job
+    attempt.finished = True
+    outcome = Outcome(job.id, job.attempt, job.type, OutcomeKind.REQUEUE)
+    _log.warning(
+        "job_start_too_late",
+        job_id=job.id,
+        attempt=job.attempt,
+        late_by=round(now - attempt.start_by, 3),
+    )
     if deliver is not None:
         deliver(outcome)
     return outcome

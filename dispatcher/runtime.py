@@ -148,6 +148,8 @@ class Runtime:
             mode=s.mode,
             can_claim=(lambda: not self._stopping) if s.mode == "all" else None,
             on_progress=self.heartbeat.progress_changed,
+            # Past the heartbeat's give-up point the reaper may already have rescued it.
+            start_within=self.heartbeat.give_up_after,
             metrics=self.metrics,
         )
         # The completer frees the dispatcher's slots; the dispatcher feeds it outcomes.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -138,3 +139,24 @@ async def test_progress_validates_and_works_with_or_without_await() -> None:
         job.progress(float("nan"))
     with pytest.raises(ValueError, match="progress message must be a string"):
         job.progress(1, 2, 3)  # type: ignore[arg-type]
+
+
+async def test_an_attempt_that_could_not_start_in_time_is_handed_back_unrun() -> None:
+    # Claimed, then the process was paused past the point where the reaper may have
+    # rescued the job: starting it now could run it beside its retry.
+    ran: list[int] = []
+
+    async def work(job: Job) -> None:
+        ran.append(job.id)
+
+    late = attempt_of(work)
+    late.start_by = time.monotonic() - 1.0
+    delivered: list[Any] = []
+    with thread_pool(1) as threads:
+        outcome = await run_attempt(late, threads, delivered.append)
+        on_time = attempt_of(work)
+        on_time.start_by = time.monotonic() + 60
+        assert (await run_attempt(on_time, threads)).kind is OutcomeKind.COMPLETED
+    assert outcome.kind is OutcomeKind.REQUEUE and delivered == [outcome]
+    assert ran == [1], "only the attempt that started in time ran"
+    assert late.finished
