@@ -238,11 +238,11 @@ def cancel_plan(job_id: int) -> Plan[JobRecord]:
 
 
 def retry_plan(job_id: int) -> Plan[JobRecord]:
-    retried = yield Run("retry_jobs", (["failed", "cancelled"], None, job_id, 1))
+    rows = yield Run("retry_job", (job_id,))
+    if rows:
+        return JobRecord.from_row(rows[0])
     job = _record_or_not_found((yield Run("get_job", (job_id,))), job_id)
-    if not retried:
-        raise _transition_refused(job, "retry", "failed or cancelled")
-    return job
+    raise _transition_refused(job, "retry", "failed or cancelled")
 
 
 MAX_PAGE = 1000
@@ -255,7 +255,7 @@ def retry_many_plan(status: str = "failed", type: str | None = None) -> Plan[int
         raise InvalidArgument(f"bulk retry takes failed or cancelled jobs, not {status!r}")
     total = 0
     while True:
-        rows = yield Run("retry_jobs", ([status], type, None, RETRY_BATCH))
+        rows = yield Run("retry_jobs", ([status], type, RETRY_BATCH))
         total += len(rows)
         if len(rows) < RETRY_BATCH:
             return total

@@ -556,9 +556,9 @@ ORDER BY finished_at DESC
 LIMIT 1;
 
 -- name: retry_jobs
--- Put jobs back to pending, due now: up to $4 jobs of statuses $1 (failed,
--- cancelled), optionally only of type $2, or only job $3. They keep their error
--- history; an exhausted job gets one more attempt. Returns the ids.
+-- Put jobs back to pending, due now: up to $3 jobs of statuses $1 (failed,
+-- cancelled), optionally only of type $2. They keep their error history; an
+-- exhausted job gets one more attempt (as retry_job). Returns the ids.
 UPDATE {{schema}}.jobs SET
     status = 'pending',
     run_at = now(),
@@ -574,12 +574,29 @@ WHERE id IN (
     SELECT id FROM {{schema}}.jobs
     WHERE status = ANY($1::text[])
       AND ($2::text IS NULL OR type = $2)
-      AND ($3::bigint IS NULL OR id = $3)
     ORDER BY id
-    LIMIT $4
+    LIMIT $3
     FOR UPDATE SKIP LOCKED
 )
 RETURNING id;
+
+-- name: retry_job
+-- retry_jobs for job $1 alone, returning its row as written (a leader may claim it
+-- the next moment, so a later read could already show it processing). No row: not
+-- found, or not failed or cancelled.
+UPDATE {{schema}}.jobs SET
+    status = 'pending',
+    run_at = now(),
+    finished_at = NULL,
+    started_at = NULL,
+    heartbeat_at = NULL,
+    owner = NULL,
+    term = NULL,
+    cancel_requested = false,
+    max_attempts = CASE WHEN max_attempts IS NOT NULL AND attempts >= max_attempts
+                        THEN attempts + 1 ELSE max_attempts END
+WHERE id = $1 AND status IN ('failed', 'cancelled')
+RETURNING *;
 
 -- name: set_paused
 -- Pause ($2 true) or resume ($2 false) type $1 across the cluster.
