@@ -1,0 +1,183 @@
+"""Every run of every attempt, written by the test apps themselves into
+``<schema>.attempts_log``, so overlaps and losses are computed from the database, not
+from the runtime's own bookkeeping.
+
+A run's start is committed before its work begins; its end (with the outcome) as soon
+as the database takes it, retrying through outages. Times come from this machine's
+clock, shared by the tests, the harness and every replica process, so they stay right
+even when the database is down at the moment an attempt ends. A run that never ends
+(its process was killed) has no end: the test supplies the kill time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from dispatcher.job import Job
+
+ATTEMPTS_LOG = """
+CREATE TABLE IF NOT EXISTS {schema}.attempts_log (
+    run_id     text             PRIMARY KEY,
+    job_id     bigint           NOT NULL,
+    attempt    integer          NOT NULL,
+    replica    text             NOT NULL,
+    pid        integer          NOT NULL,
+    started_at double precision NOT NULL,
+    ended_at   double precision,
+    outcome    text
+)
+"""
+
+
+class AttemptLog:
+    """Writes attempt runs of one replica (``replica``) into ``schema``'s attempts_log."""
+
+    def __init__(self, dsn: str, schema: str, replica: str) -> None:
+        self.dsn = dsn
+        self.table = f'"{schema}".attempts_log'
+        self.replica = replica
+        self.pool: asyncpg.Pool | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.ends: asyncio.Queue[tuple[str, float, str]] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, timeout=5)
+        self.task = asyncio.create_task(self._write_ends())
+
+    async def _retrying(self, sql: str, *args: Any) -> None:
+        assert self.pool is not None, "AttemptLog.start() first"
+        while True:
+            try:
+                await self.pool.execute(sql, *args, timeout=5)
+                return
+            except Exception:  # whatever the outage looks like: try again
+                await asyncio.sleep(0.2)
+
+    async def started(self, job: Job) -> str:
+        """Record (and commit) the start of a run of ``job``'s attempt; its run id."""
+        run_id = uuid.uuid4().hex
+        await self._retrying(
+            f"INSERT INTO {self.table} (run_id, job_id, attempt, replica, pid, started_at) "
+            "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            run_id,
+            job.id,
+            job.attempt,
+            self.replica,
+            os.getpid(),
+            time.time(),
+        )
+        return run_id
+
+    def ended(self, run_id: str, outcome: str) -> None:
+        """Record the end of a run now (written in the background)."""
+        self.ends.put_nowait((run_id, time.time(), outcome))
+
+    def started_from_thread(self, job: Job) -> str:
+        """started(), from a plain def executor's thread."""
+        assert self.loop is not None, "AttemptLog.start() first"
+        return asyncio.run_coroutine_threadsafe(self.started(job), self.loop).result()
+
+    def ended_from_thread(self, run_id: str, outcome: str) -> None:
+        """ended(), from a plain def executor's thread."""
+        assert self.loop is not None, "AttemptLog.start() first"
+        self.loop.call_soon_threadsafe(self.ends.put_nowait, (run_id, time.time(), outcome))
+
+    async def _write_ends(self) -> None:
+        while True:
+            run_id, at, outcome = await self.ends.get()
+            await self._retrying(
+                f"UPDATE {self.table} SET ended_at = $2, outcome = $3 WHERE run_id = $1",
+                run_id,
+                at,
+                outcome,
+            )
+            self.ends.task_done()
+
+    async def stop(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.ends.join(), 30)
+        if self.task is not None:
+            self.task.cancel()
+        if self.pool is not None:
+            await self.pool.close()
+
+    @contextlib.asynccontextmanager
+    async def run(self, job: Job) -> AsyncIterator[None]:
+        """Record one run of an async executor around its body."""
+        run_id = await self.started(job)
+        outcome = "error"
+        try:
+            yield
+            outcome = "completed"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self.ended(run_id, outcome)
+
+    @contextlib.contextmanager
+    def run_in_thread(self, job: Job) -> Iterator[None]:
+        """Record one run of a plain def executor around its body."""
+        run_id = self.started_from_thread(job)
+        outcome = "error"
+        try:
+            yield
+            outcome = "completed"
+        finally:
+            self.ended_from_thread(run_id, outcome)
+
+
+@dataclass(frozen=True)
+class Run:
+    job_id: int
+    attempt: int
+    replica: str
+    pid: int
+    started_at: float
+    ended_at: float | None
+    outcome: str | None
+
+
+async def create_attempts_log(conn: asyncpg.Connection, schema: str) -> None:
+    await conn.execute(ATTEMPTS_LOG.format(schema=f'"{schema}"'))
+
+
+async def fetch_runs(conn: asyncpg.Connection, schema: str) -> list[Run]:
+    rows = await conn.fetch(
+        f"SELECT job_id, attempt, replica, pid, started_at, ended_at, outcome "
+        f'FROM "{schema}".attempts_log ORDER BY started_at'
+    )
+    return [Run(**dict(row)) for row in rows]
+
+
+def overlapping_runs(
+    runs: list[Run], *, ended_by_exit: dict[int, float] | None = None
+) -> list[tuple[Run, Run]]:
+    """Pairs of runs of one job that overlap in time. A run without an end ended when
+    its process did (``ended_by_exit``: pid -> exit time); one with neither is still
+    running, so it overlaps anything that started after it."""
+    exits = ended_by_exit or {}
+    by_job: dict[int, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_job[run.job_id].append(run)
+    found = []
+    for job_runs in by_job.values():
+        job_runs.sort(key=lambda r: r.started_at)
+        for a, b in itertools.combinations(job_runs, 2):
+            end_a = a.ended_at if a.ended_at is not None else exits.get(a.pid, float("inf"))
+            if b.started_at < end_a:
+                found.append((a, b))
+    return found
