@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -136,6 +137,9 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         owner_id=owner_id,
         serve_http=True,
         insecure_no_auth=args.insecure_no_auth,
+        # This process is the replica's own: ending it is how a plain def executor's
+        # thread that ignores cancellation is stopped (see dispatcher/runtime.py).
+        exit_process=os._exit,
     )
     asyncio.run(runtime.run_until_signalled())
     return EXIT_OK

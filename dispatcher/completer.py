@@ -5,9 +5,13 @@ its own; a short window after the first outcome gathers company at low load. The
 write is fenced by owner and attempt (complete_jobs): outcomes of attempts that were
 taken from us come back unwritten and are logged as fenced.
 
-Nothing is lost: a transient failure (connection, restart) keeps the batch and tries
-again with backoff; a batch the database refuses for its content is split until the
-one bad outcome is found, which is then recorded as a failed attempt instead.
+Nothing is lost, and no row holds the others hostage: a transient failure
+(connection, restart) keeps the batch and tries again with backoff; a batch the
+database refuses for its content is split until the one bad outcome is found, which is
+then recorded as a failed attempt instead; a row another session holds locked is
+waited for at most ROW_LOCK_WAIT, then the batch is written one outcome at a time and
+the locked one is tried again alone, with backoff, until the lock is gone. Its slot
+stays held, and its heartbeat goes on, meanwhile.
 """
 
 from __future__ import annotations
@@ -27,8 +31,16 @@ from dispatcher.metrics import Metrics
 from dispatcher.notifier import backoff_delay
 from dispatcher.queries import queries_for
 
-# Called with each written batch and {job id: status written} (fenced ids absent).
-OnWritten = Callable[[list[Outcome], dict[int, str]], None]
+# The status written per (job id, attempt); fenced attempts are absent.
+Written = dict[tuple[int, int], str]
+# Called with each finished batch (written or fenced) and what was written.
+OnWritten = Callable[[list[Outcome], Written], None]
+# How long a completion batch waits for a row another session holds locked before it
+# is written one outcome at a time (Postgres' lock_timeout syntax).
+ROW_LOCK_WAIT = "500ms"
+# How long an outcome whose row is locked waits before it is tried again (doubling).
+LOCKED_ROW_RETRY_FIRST = 0.05
+LOCKED_ROW_RETRY_MAX = 1.0
 
 
 class Completer:
@@ -55,6 +67,8 @@ class Completer:
         self._metrics = metrics
         self._log = log or get_logger("completer")
         self._pending: list[Outcome] = []
+        # Outcomes whose row another session held locked, waiting to be tried again.
+        self._waiting_on_locks = 0
         self._duration_children: dict[str, Any] = {}
         self._has_pending = asyncio.Event()
         self._idle = asyncio.Event()
@@ -71,7 +85,7 @@ class Completer:
 
     @property
     def backlog(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + self._waiting_on_locks
 
     async def run(self) -> None:
         while True:
@@ -83,8 +97,7 @@ class Completer:
             if not self._pending:
                 self._has_pending.clear()
             await self._write(batch)
-            if not self._pending:
-                self._idle.set()
+            self._set_idle_if_done()
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every submitted outcome is written; False on timeout."""
@@ -92,21 +105,52 @@ class Completer:
 
     # --- writing ---------------------------------------------------------------------
 
+    def _set_idle_if_done(self) -> None:
+        if not self._pending and not self._waiting_on_locks:
+            self._idle.set()
+
     async def _write(self, batch: list[Outcome]) -> None:
         try:
-            written = await self._execute_retrying(batch)
+            written, busy = await self._execute_retrying(batch)
         except Exception as refused:
             # The database refused the batch for its content: find the bad outcome.
             self._log.error(
                 "completion_batch_refused", error=describe(refused), outcomes=len(batch)
             )
-            written = {}
+            written, busy = {}, []
             for outcome in batch:
-                written.update(await self._write_alone(outcome))
+                alone, locked = await self._write_alone(outcome)
+                written.update(alone)
+                busy.extend(locked)
+        if busy:
+            self._try_again_later(busy)
+            waiting = set(map(id, busy))
+            batch = [outcome for outcome in batch if id(outcome) not in waiting]
         self._record(batch, written)
         self._on_written(batch, written)
 
-    async def _execute_retrying(self, batch: list[Outcome]) -> dict[int, str]:
+    def _try_again_later(self, busy: list[Outcome]) -> None:
+        """Rows another session holds locked: try them again alone, backing off."""
+        for outcome in busy:
+            outcome.locked_out += 1
+            tries = outcome.locked_out
+            if tries == 1:
+                self._log.warning(
+                    "completion_waiting_for_row_lock",
+                    job_id=outcome.job_id,
+                    attempt=outcome.attempt,
+                    outcome=outcome.kind.value,
+                )
+            delay = min(LOCKED_ROW_RETRY_MAX, LOCKED_ROW_RETRY_FIRST * 2 ** min(tries - 1, 10))
+            self._waiting_on_locks += 1
+            asyncio.get_running_loop().call_later(delay, self._resubmit, outcome)
+
+    def _resubmit(self, outcome: Outcome) -> None:
+        self._waiting_on_locks -= 1
+        self._pending.append(outcome)
+        self._has_pending.set()
+
+    async def _execute_retrying(self, batch: list[Outcome]) -> tuple[Written, list[Outcome]]:
         """Execute; retry transient failures with backoff; raise any other error."""
         failures = 0
         while True:
@@ -127,7 +171,7 @@ class Completer:
                 )
                 await asyncio.sleep(delay)
 
-    async def _write_alone(self, outcome: Outcome) -> dict[int, str]:
+    async def _write_alone(self, outcome: Outcome) -> tuple[Written, list[Outcome]]:
         try:
             return await self._execute_retrying([outcome])
         except Exception as refused:
@@ -140,31 +184,47 @@ class Completer:
         except Exception as again:
             # Left processing; no longer heartbeated, so the reaper rescues it.
             self._log.error("completion_dropped", job_id=outcome.job_id, error=describe(again))
-            return {}
+            return {}, []
 
-    async def _execute(self, batch: list[Outcome]) -> dict[int, str]:
-        async with self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                self._sql,
-                self._owner_id,
-                [o.job_id for o in batch],
-                [o.attempt for o in batch],
-                [o.kind.value for o in batch],
-                [o.result_json for o in batch],
-                [o.error for o in batch],
-                [o.traceback for o in batch],
-                [o.delay for o in batch],
-            )
-        return {row["id"]: row["status"] for row in rows}
+    async def _execute(self, batch: list[Outcome]) -> tuple[Written, list[Outcome]]:
+        """complete_jobs: what it wrote, and the outcomes whose row another session
+        holds locked (busy: written later)."""
+        try:
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(
+                    self._sql,
+                    self._owner_id,
+                    [o.job_id for o in batch],
+                    [o.attempt for o in batch],
+                    [o.kind.value for o in batch],
+                    [o.result_json for o in batch],
+                    [o.error for o in batch],
+                    [o.traceback for o in batch],
+                    [o.delay for o in batch],
+                    ROW_LOCK_WAIT,
+                )
+        except asyncpg.LockNotAvailableError:
+            if len(batch) == 1:
+                return {}, list(batch)
+            # Some row of the batch is locked by another session: one by one, so that
+            # row holds back only itself.
+            written: Written = {}
+            busy: list[Outcome] = []
+            for outcome in batch:
+                alone, locked = await self._execute([outcome])
+                written.update(alone)
+                busy.extend(locked)
+            return written, busy
+        return {(row["id"], row["attempt"]): row["status"] for row in rows}, []
 
-    def _record(self, batch: list[Outcome], written: dict[int, str]) -> None:
+    def _record(self, batch: list[Outcome], written: Written) -> None:
         metrics = self._metrics
         # Counted per (counter, type) and added once per batch: metric updates take a
         # lock each, so per-job increments would cost more than the write itself.
         counts: Counter[tuple[Any, str]] = Counter()
         durations = self._duration_children
         for outcome in batch:
-            status = written.get(outcome.job_id)
+            status = written.get((outcome.job_id, outcome.attempt))
             if status is None:
                 self._log.warning(
                     "job_outcome_fenced",

@@ -11,8 +11,9 @@ back only when the outcome is committed, so the table never shows more jobs of a
 processing than its limit. After a hand-over the new leader also counts the jobs
 still processing under other owners (the old leader draining) until they end.
 
-In-flight attempts live here whatever the role: a replica deposed while running jobs
-keeps them (the heartbeat keeps them alive) and completes them, fenced.
+In-flight attempts live in :class:`~dispatcher.slots.Slots` whatever the role: a
+replica deposed while running jobs keeps them (the heartbeat keeps them alive) and
+completes them, fenced.
 
 Paused types (job_types.paused) are left alone; the set is re-read on a control NOTIFY
 and every poll tick. Rate-limited types get at most their window's remaining starts.
@@ -22,6 +23,14 @@ LOCKED keeps claims apart). A type with a cluster limit (``concurrency=``) or a 
 limit is claimed under a per-type transaction advisory lock, counting the jobs
 processing anywhere (and the recent starts) after taking it, so those limits stay
 exact; the global limit then bounds each replica on its own.
+
+Every row a claim commits is started or handed back, whatever interrupts the loop. A
+claim in flight is never cancelled: stepping down (deposition, SIGTERM, worker stop)
+waits for its reply and starts its rows (a deposed replica runs what it holds). A
+claim whose reply is lost (connection died, timeout) may have committed all the same,
+so before the next claim the replica revokes its earlier claims and hands back, attempt
+refunded, every row processing under its owner id that it does not hold
+(:meth:`Dispatcher.hand_back_unheld`).
 """
 
 from __future__ import annotations
@@ -37,23 +46,27 @@ from typing import Any
 import asyncpg
 
 from dispatcher.app import App
-from dispatcher.cancellation import cancel_and_wait, wait_for_event
-from dispatcher.completer import Completer
+from dispatcher.cancellation import cancel_and_wait
 from dispatcher.database_errors import describe, is_transient
-from dispatcher.executor import Attempt, CancelReason, Outcome, OutcomeKind, run_attempt
+from dispatcher.executor import Attempt, CancelReason, Outcome, run_attempt
 from dispatcher.job import Job
 from dispatcher.log import get_logger
 from dispatcher.metrics import Metrics
+from dispatcher.notifier import backoff_delay
 from dispatcher.queries import queries_for
 from dispatcher.rate_limit import RateWindows
+from dispatcher.slots import Slots
+from dispatcher.wakeup import Wakeup
 
-_RESCHEDULED = (OutcomeKind.RETRY, OutcomeKind.SNOOZE, OutcomeKind.REQUEUE)
 CLAIM_SLICES = 4
 CLAIM_BATCH_MIN = 100
+# A claim statement slower than this is abandoned (its outcome is then unknown, and
+# the rows it may have taken are handed back before the next claim).
+CLAIM_TIMEOUT = 10.0
 
 
 class Dispatcher:
-    """Claims jobs while leading; runs them; frees their slots once written."""
+    """Claims jobs while leading (or always, in worker mode); starts them in ``slots``."""
 
     def __init__(
         self,
@@ -62,26 +75,28 @@ class Dispatcher:
         app: App,
         schema: str,
         owner_id: str,
-        is_leader: Callable[[], bool],
-        can_claim: Callable[[], bool] | None = None,
+        slots: Slots,
+        wakeup: Wakeup,
+        deliver: Callable[[Outcome], None],
         threads: ThreadPoolExecutor,
-        attempts: dict[int, Attempt] | None = None,
+        is_leader: Callable[[], bool],
+        metrics: Metrics,
+        can_claim: Callable[[], bool] | None = None,
         concurrency: int | None = None,
         poll_interval: float = 1.0,
         claim_batch: int | None = None,
+        claim_timeout: float = CLAIM_TIMEOUT,
         mode: str = "leader",
         on_progress: Callable[[Job], None] | None = None,
         start_within: float = math.inf,
-        metrics: Metrics | None = None,
         log: Any = None,
     ) -> None:
         self.app = app
         self.owner_id = owner_id
         self.limit = concurrency or app.concurrency
-        # In-flight attempts by job id, shared with the job heartbeat.
-        self.attempts: dict[int, Attempt] = {} if attempts is None else attempts
-        # Set by the runtime (the completer needs our release() in turn).
-        self.completer: Completer | None = None
+        self.slots = slots
+        self.wakeup = wakeup
+        self._deliver = deliver
         self._pool = pool
         self._queries = queries_for(schema)
         self._is_leader = is_leader
@@ -94,21 +109,24 @@ class Dispatcher:
         # Claiming in slices of the capacity lets the next claim overlap with the
         # completion of the previous slice: Python and Postgres work side by side.
         self._claim_batch = claim_batch or max(CLAIM_BATCH_MIN, self.limit // CLAIM_SLICES)
+        self._claim_timeout = claim_timeout
         self._on_progress = on_progress
         # An attempt not started this long after its claim may have been rescued.
         self._start_within = start_within
         self._metrics = metrics
         self._log = log or get_logger("dispatch")
-        self._running: Counter[str] = Counter()
         self._foreign: Counter[str] = Counter()
         self._term: int | None = None
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._wake_source = "election"
         self._loop_task: asyncio.Task[None] | None = None
-        self._more_waiting = False  # the last claim was cut short by capacity
-        self._next_due: float | None = None  # monotonic time of the next future run_at
+        # Held by each claim until its rows are started, so that a step-down never
+        # cancels a claim in flight; and by hand-backs, which must see every row our
+        # claims committed and hand back none that a claim is about to start.
+        self._claim_lock = asyncio.Lock()
+        self._claims = 0  # claim numbers (see revoke_claims)
+        # A claim's reply was lost: rows it may have committed are not held. Set until
+        # hand_back_unheld has run since.
+        self._unsure = False
+        self._hand_back_task: asyncio.Task[None] | None = None
         self._types = sorted(app.executors)
         self.paused: set[str] = set()
         self.rates = RateWindows(
@@ -124,16 +142,10 @@ class Dispatcher:
         }
         self._max_attempts = [app.executors[t].max_attempts for t in self._types]
         self._timeouts = [app.executors[t].timeout for t in self._types]
-        self._running_gauges = (
-            {t: metrics.jobs_running.labels(t) for t in self._types} if metrics else {}
-        )
-        self._wait_histograms = (
-            {t: metrics.job_queue_wait.labels(t) for t in self._types} if metrics else {}
-        )
-        if metrics is not None:
-            metrics.concurrency_limit.labels("*").set(self.limit)
-            for type_, limit in self.type_limits.items():
-                metrics.concurrency_limit.labels(type_).set(limit)
+        self._wait_histograms = {t: metrics.job_queue_wait.labels(t) for t in self._types}
+        metrics.concurrency_limit.labels("*").set(self.limit)
+        for type_, limit in self.type_limits.items():
+            metrics.concurrency_limit.labels(type_).set(limit)
 
     # --- leadership ------------------------------------------------------------------
 
@@ -150,16 +162,23 @@ class Dispatcher:
             )
 
     async def step_down(self) -> None:
-        """Stop claiming at once (running jobs go on)."""
+        """Stop claiming at once. A claim in flight is not cancelled: its reply is
+        awaited and its rows started (running jobs go on)."""
         self._term = None
         task, self._loop_task = self._loop_task, None
         if task is not None:
-            await cancel_and_wait([task])
+            # Cancelled only between claims: holding the claim lock, no claim is in
+            # flight, and none can start (the loop waits behind us for the lock).
+            async with self._claim_lock:
+                await cancel_and_wait([task])
+        if self._unsure and (self._hand_back_task is None or self._hand_back_task.done()):
+            self._hand_back_task = asyncio.get_running_loop().create_task(
+                self._hand_back_until_sure(), name="hand-back-unheld"
+            )
 
     def wake(self, source: str) -> None:
         """Ask the claim loop to look for work now."""
-        self._wake_source = source
-        self._wake.set()
+        self.wakeup.wake(source)
 
     # --- the claim loop ----------------------------------------------------------------
 
@@ -175,20 +194,11 @@ class Dispatcher:
                 await asyncio.sleep(min(self._poll_interval, 0.05 * 2**failures))
         failures = 0
         while True:
-            timeout = self._poll_interval
-            if self._next_due is not None:
-                timeout = max(0.0, min(timeout, self._next_due - time.monotonic()))
-            if await wait_for_event(self._wake, timeout):
-                source = self._wake_source
-            else:
-                due = self._next_due is not None and self._next_due <= time.monotonic()
-                source = "timer" if due else "poll"
-            if self._next_due is not None and self._next_due <= time.monotonic():
-                self._next_due = None  # consumed: the pass below sets the next one
-            self._wake.clear()
-            if self._metrics is not None:
-                self._metrics.wakeups.labels(source).inc()
+            source = await self.wakeup.wait(self._poll_interval)
+            self._metrics.wakeups.labels(source).inc()
             try:
+                if self._unsure:
+                    await self.hand_back_unheld()
                 if source in ("poll", "control", "reconnect"):
                     await self.refresh_paused()
                 await self._claim_until_done()
@@ -198,10 +208,11 @@ class Dispatcher:
                     self._log.exception("claim_failed", error=describe(exc))
                 else:
                     self._log.warning("claim_failed", error=describe(exc))
-                if self._metrics is not None:
-                    self._metrics.database_errors.labels("dispatch").inc()
+                self._metrics.database_errors.labels("dispatch").inc()
                 failures += 1
                 await asyncio.sleep(min(self._poll_interval, 0.05 * 2**failures))
+                if self._unsure:
+                    self.wake("hand_back")  # rows a lost claim took wait for us
 
     async def _prepare(self) -> None:
         """What a claim loop needs before its first claim."""
@@ -237,21 +248,30 @@ class Dispatcher:
                 break
             if self._free_total() <= 0:
                 break  # a freed slot wakes us
-        if not self._more_waiting and self._claiming():
+        if not self.wakeup.wanted_slots and self._claiming():
             await self._schedule_next_due()
         opening = min(
             (t for t in map(self.rates.next_opening, self.rates.limits) if t is not None),
             default=None,
         )
-        if opening is not None and (self._next_due is None or opening < self._next_due):
-            self._next_due = opening
+        if opening is not None:
+            self.wakeup.due_at(opening)
 
     def _free_total(self) -> int:
-        return self.limit - len(self.attempts) - self._foreign.total()
+        return self.limit - len(self.slots) - self._foreign.total()
 
     async def run_once(self) -> bool:
-        """One claim. Returns True if it may have left due jobs behind (it was cut
-        short by the batch size or a limit)."""
+        """One claim, its rows started. Returns True if it may have left due jobs
+        behind (it was cut short by the batch size or a limit). A claim that failed
+        leaves us unsure of what it committed (see hand_back_unheld)."""
+        async with self._claim_lock:
+            try:
+                return await self._claim_and_start()
+            except BaseException:
+                self._unsure = True
+                raise
+
+    async def _claim_and_start(self) -> bool:
         term = self._term
         if (self.mode == "leader" and term is None) or not self.app.executors:
             return False
@@ -259,7 +279,7 @@ class Dispatcher:
             await self._refresh_foreign()
         free_total = self._free_total()
         if free_total <= 0:
-            self._more_waiting = True
+            self.wakeup.wanted_slots = True
             return False
         types: list[str] = []
         frees: list[int] = []
@@ -269,7 +289,7 @@ class Dispatcher:
         for i, type_ in enumerate(self._types):
             if type_ in self.paused:
                 continue
-            free = self.type_limits[type_] - self._running[type_] - self._foreign[type_]
+            free = self.type_limits[type_] - self.slots.running(type_) - self._foreign[type_]
             free = min(free, free_total)
             budget = None if worker else self.rates.budget(type_)
             if budget is not None:
@@ -281,14 +301,16 @@ class Dispatcher:
             frees.append(free)
             indexes.append(i)
         if not types:
-            self._more_waiting = limited
+            self.wakeup.wanted_slots = limited
             return False
         batch = min(free_total, self._claim_batch)
         max_attempts = [self._max_attempts[i] for i in indexes]
         timeouts = [self._timeouts[i] for i in indexes]
+        self._claims += 1
+        number = self._claims
         async with self._pool.acquire() as conn:
             if worker:
-                rows = await self._claim_as_worker(conn, types, frees, indexes, batch)
+                rows = await self._claim_as_worker(conn, types, frees, indexes, batch, number)
             else:
                 rows = await conn.fetch(
                     self._queries["claim_jobs"],
@@ -299,25 +321,24 @@ class Dispatcher:
                     batch,
                     max_attempts,
                     timeouts,
+                    number,
+                    timeout=self._claim_timeout,
                 )
         claimed: Counter[str] = Counter()
         loop = asyncio.get_running_loop()
         start_by = time.monotonic() + self._start_within
-        for row in rows:
-            self._start(row, loop, start_by)
-            claimed[row["type"]] += 1
-        if rows:
-            self._idle.clear()
+        attempts = [self._attempt(row, start_by) for row in rows]
+        self.slots.add(attempts)
+        for attempt in attempts:
+            attempt.task = loop.create_task(run_attempt(attempt, self._threads, self._deliver))
+            claimed[attempt.job.type] += 1
         for type_, count in claimed.items():
             self.rates.record(type_, count)
-            if self._metrics is not None:
-                self._running_gauges[type_].inc(count)
-        if self._metrics is not None:
-            self._metrics.claim_batch_size.observe(len(rows))
+        self._metrics.claim_batch_size.observe(len(rows))
         full = len(rows) >= batch or any(
             claimed[t] >= free for t, free in zip(types, frees, strict=True)
         )
-        self._more_waiting = limited or full
+        self.wakeup.wanted_slots = limited or full
         return full
 
     async def _claim_as_worker(
@@ -327,6 +348,7 @@ class Dispatcher:
         frees: list[int],
         indexes: list[int],
         batch: int,
+        number: int,
     ) -> list[asyncpg.Record]:
         cluster_limits = [self._cluster_limits[i] for i in indexes]
         rates = [self.rates.limits.get(t) for t in types]
@@ -335,36 +357,88 @@ class Dispatcher:
             for t, limit, rate in zip(types, cluster_limits, rates, strict=True)
             if limit is not None or rate is not None
         ]
+        args = (
+            self.owner_id,
+            types,
+            frees,
+            cluster_limits,
+            batch,
+            [self._max_attempts[i] for i in indexes],
+            [self._timeouts[i] for i in indexes],
+            [r.starts if r else None for r in rates],
+            [r.per if r else None for r in rates],
+            number,
+        )
+        claim = self._queries["claim_jobs_worker"]
+        rows: list[asyncpg.Record]
+        if not locked:  # no cluster-wide count to serialize: one statement, no transaction
+            rows = await conn.fetch(claim, *args, timeout=self._claim_timeout)
+            return rows
         async with conn.transaction():
-            if locked:
-                await conn.execute(self._queries["lock_types"], locked, self._schema)
-            rows: list[asyncpg.Record] = await conn.fetch(
-                self._queries["claim_jobs_worker"],
-                self.owner_id,
-                types,
-                frees,
-                cluster_limits,
-                batch,
-                [self._max_attempts[i] for i in indexes],
-                [self._timeouts[i] for i in indexes],
-                [r.starts if r else None for r in rates],
-                [r.per if r else None for r in rates],
+            await conn.execute(
+                self._queries["lock_types"], locked, self._schema, timeout=self._claim_timeout
             )
+            rows = await conn.fetch(claim, *args, timeout=self._claim_timeout)
         return rows
 
     async def _schedule_next_due(self) -> None:
         async with self._pool.acquire() as conn:
             seconds = await conn.fetchval(self._queries["next_due_in"], self._types)
-        self._next_due = None if seconds is None else time.monotonic() + max(0.0, seconds)
+        self.wakeup.forget_due()
+        if seconds is not None:
+            self.wakeup.due_at(time.monotonic() + max(0.0, seconds))
 
     async def _refresh_foreign(self) -> None:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(self._queries["running_by_others"], self.owner_id)
         self._foreign = Counter({row["type"]: row["running"] for row in rows})
 
+    # --- rows claimed but not held -------------------------------------------------------
+
+    async def hand_back_unheld(self) -> list[int]:
+        """Revoke our earlier claims, then hand back (pending again, attempt refunded)
+        every row processing under our owner id that we do not hold: rows of a claim
+        whose reply never came back. Returns their ids."""
+        async with self._claim_lock:
+            held = self.slots.attempts()
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    self._queries["revoke_claims"],
+                    self.owner_id,
+                    self._claims + 1,
+                    timeout=self._claim_timeout,
+                )
+                rows = await conn.fetch(
+                    self._queries["hand_back_unheld"],
+                    self.owner_id,
+                    [a.job.id for a in held],
+                    [a.job.attempt for a in held],
+                    timeout=self._claim_timeout,
+                )
+            self._unsure = False
+        if rows:
+            self._log.warning(
+                "claimed_rows_handed_back",
+                job_ids=[row["id"] for row in rows],
+                reason="a claim's reply was lost",
+            )
+            self.wake("handed_back")
+        return [row["id"] for row in rows]
+
+    async def _hand_back_until_sure(self) -> None:
+        failures = 0
+        while self._unsure:
+            try:
+                await self.hand_back_unheld()
+            except Exception as exc:
+                failures += 1
+                self._log.warning("hand_back_failed", error=describe(exc))
+                await asyncio.sleep(backoff_delay(failures, 0.05, self._poll_interval))
+
     # --- attempts ---------------------------------------------------------------------
 
-    def _start(self, row: asyncpg.Record, loop: asyncio.AbstractEventLoop, start_by: float) -> None:
+    def _attempt(self, row: asyncpg.Record, start_by: float) -> Attempt:
+        """The attempt a claimed row starts (held, then started, by the caller)."""
         type_ = row["type"]
         spec = self.app.executors[type_]
         job = Job(
@@ -378,50 +452,24 @@ class Dispatcher:
             threaded=not spec.is_async,
         )
         attempt = Attempt(job, spec, start_by)
-        self.attempts[job.id] = attempt
-        self._running[type_] += 1
-        if self._metrics is not None:
-            self._wait_histograms[type_].observe(row["waited"])
-        assert self.completer is not None
-        attempt.task = loop.create_task(run_attempt(attempt, self._threads, self.completer.submit))
         if row["cancel_requested"]:
-            attempt.cancel(CancelReason.REQUESTED)
-
-    def release(self, outcomes: list[Outcome], written: dict[int, str]) -> None:
-        """Completer callback: these outcomes are written (or fenced): free their slots."""
-        retry_at: float | None = None
-        freed: Counter[str] = Counter()
-        for outcome in outcomes:
-            if outcome.kind in _RESCHEDULED and written.get(outcome.job_id) == "pending":
-                # It runs again at now() + delay: be awake then, not at the next poll.
-                at = time.monotonic() + outcome.delay
-                retry_at = at if retry_at is None else min(retry_at, at)
-            if self.attempts.pop(outcome.job_id, None) is not None:
-                freed[outcome.type] += 1
-        for type_, count in freed.items():
-            self._running[type_] -= count
-            if self._metrics is not None:
-                self._running_gauges[type_].dec(count)
-        if not self.attempts:
-            self._idle.set()
-        if retry_at is not None and (self._next_due is None or retry_at < self._next_due):
-            self._next_due = retry_at
-            self.wake("retry")
-        elif freed and self._more_waiting and self._claiming():
-            self.wake("slot")
-
-    def cancel(self, job_id: int, reason: CancelReason) -> bool:
-        """Stop one running attempt; False if it is not running here."""
-        attempt = self.attempts.get(job_id)
-        return attempt is not None and attempt.cancel(reason)
-
-    def cancel_all(self, reason: CancelReason) -> int:
-        return sum(attempt.cancel(reason) for attempt in list(self.attempts.values()))
-
-    async def drain(self, timeout: float) -> bool:
-        """Wait until no attempt is in flight (all written); False on timeout."""
-        await wait_for_event(self._idle, timeout)
-        return not self.attempts
+            attempt.cancel(CancelReason.REQUESTED)  # it ends at its start, unrun
+        earlier = self.slots.of_job(job.id)
+        if earlier:
+            # The job was rescued from under an attempt of ours that is still running
+            # (we were cut off, or paused, past stale_after). That attempt is no longer
+            # the owning one: stop it, and start this one only once it has ended.
+            self._log.warning(
+                "job_claimed_while_still_running",
+                job_id=job.id,
+                attempt=job.attempt,
+                running_attempts=[a.job.attempt for a in earlier],
+            )
+            for old in earlier:
+                old.cancel(CancelReason.TAKEN_OVER)
+            attempt.after = [old.task for old in earlier if old.task is not None]
+        self._wait_histograms[type_].observe(row["waited"])
+        return attempt
 
     def running_by_type(self) -> dict[str, int]:
-        return {t: n for t, n in self._running.items() if n}
+        return self.slots.running_by_type()

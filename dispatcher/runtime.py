@@ -9,7 +9,11 @@ backpressure, and the periodic scheduler, started on ``elected(term)`` and stopp
 Graceful shutdown (SIGTERM/SIGINT): stop claiming and release leadership at once (the
 next leader starts claiming while this one drains), wait up to ``shutdown_timeout``
 for in-flight jobs, then cancel the rest and put them back to pending without
-spending an attempt.
+spending an attempt. A plain def executor's thread cannot be cancelled: its job is
+handed back only once the thread has returned, or, when the runtime owns its process
+(``dispatcher run``, ``exit_process`` given), right before the process exits, which
+stops the thread for good. ``drained`` in the last log line is true only when no row
+is left processing under this replica's owner id.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import asyncio
 import contextlib
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 import uvicorn
@@ -31,20 +36,24 @@ from dispatcher.app import App
 from dispatcher.cancellation import awaiting, cancel_and_wait
 from dispatcher.completer import Completer
 from dispatcher.config import Settings
+from dispatcher.database_errors import describe
 from dispatcher.dispatch import Dispatcher
 from dispatcher.elector import ElectionTiming, Elector, Role
 from dispatcher.errors import DispatcherError
-from dispatcher.executor import Attempt, CancelReason, thread_pool
+from dispatcher.executor import Attempt, CancelReason, Outcome, OutcomeKind, thread_pool
 from dispatcher.heartbeat import JobHeartbeat
 from dispatcher.log import get_logger
 from dispatcher.metrics import Metrics
 from dispatcher.migrate import check_schema_current, migrate
 from dispatcher.notifier import Notifier
 from dispatcher.periodic import PeriodicScheduler
+from dispatcher.queries import queries_for
 from dispatcher.queue_stats import QueueStats
 from dispatcher.reaper import Reaper
 from dispatcher.replicas import ReplicaRegistry, incarnation_id
 from dispatcher.schema import SchemaNames
+from dispatcher.slots import Slots
+from dispatcher.wakeup import Wakeup
 
 VERSION = "0.1.0"
 # Bounds on the parts of a graceful shutdown that wait on others (user code, the
@@ -53,6 +62,17 @@ SHUTDOWN_HOOK_TIMEOUT = 10.0
 # How often the leader counts pending jobs (gauges, backpressure flags).
 QUEUE_STATS_INTERVAL = 2.0
 POOL_CLOSE_TIMEOUT = 5.0
+# After the shutdown timeout, how long cancelled attempts get to end (async ones end at
+# once; a polite thread notices job.cancelled).
+SHUTDOWN_GRACE = 5.0
+# A job handed back by a process about to exit with its thread still running is due
+# this much later: the exit comes first, so no copy of the job can start beside it.
+HAND_BACK_DELAY = 1.0
+# Exit status of a replica that cut itself off: a plain def executor's thread would not
+# stop while the database was unreachable, and the reaper may soon rescue its job.
+EXIT_THREADS_UNSTOPPABLE = 75
+
+ExitProcess = Callable[[int], NoReturn]
 
 
 @dataclass
@@ -75,7 +95,11 @@ class Runtime:
         owner_id: str | None = None,
         serve_http: bool = False,
         insecure_no_auth: bool = False,
+        exit_process: ExitProcess | None = None,
     ) -> None:
+        """``exit_process``: given when this runtime owns its process (``dispatcher
+        run``); called to end the process when a plain def executor's thread cannot be
+        stopped any other way (see the module docstring)."""
         self.app = app
         self.settings = settings
         self.dsn = dsn
@@ -87,6 +111,8 @@ class Runtime:
         self.started_at = time.monotonic()
         self._migrate = migrate_schema
         self._serve_http = serve_http
+        self._exit_process = exit_process
+        self.drained: bool | None = None  # set by stop()
         self._tasks = _Tasks()
         self._stopping = False
         self._pool: asyncpg.Pool | None = None
@@ -124,24 +150,34 @@ class Runtime:
 
         self.threads = thread_pool(self._sync_threads())
         self.notifier = Notifier(s.election_dsn or self.dsn, log=get_logger("notifier"))
-        attempts: dict[int, Attempt] = {}
+        # In dependency order: what wakes the claim loop; the slots it fills; the
+        # completer that frees them; the heartbeat that keeps them alive; the claimer.
+        self.wakeup = Wakeup()
+        self.slots = Slots(self.app.executors, wakeup=self.wakeup, metrics=self.metrics)
+        self.completer = Completer(
+            self.pool, s.schema, self.owner_id, self.slots.release, metrics=self.metrics
+        )
         self.heartbeat = JobHeartbeat(
             self.pool,
             s.schema,
             self.owner_id,
-            attempts,
+            self.slots,
             interval=s.heartbeat_interval,
             stale_after=s.stale_after,
             metrics=self.metrics,
+            on_unstoppable=self._threads_unstoppable,
         )
         self.dispatcher = Dispatcher(
             pool=self.pool,
             app=self.app,
             schema=s.schema,
             owner_id=self.owner_id,
-            is_leader=lambda: self.elector.is_leader(),
+            slots=self.slots,
+            wakeup=self.wakeup,
+            deliver=self.completer.submit,
             threads=self.threads,
-            attempts=attempts,
+            is_leader=lambda: self.elector.is_leader(),
+            metrics=self.metrics,
             concurrency=s.concurrency,
             poll_interval=s.poll_interval,
             claim_batch=s.claim_batch,
@@ -150,13 +186,7 @@ class Runtime:
             on_progress=self.heartbeat.progress_changed,
             # Past the heartbeat's give-up point the reaper may already have rescued it.
             start_within=self.heartbeat.give_up_after,
-            metrics=self.metrics,
         )
-        # The completer frees the dispatcher's slots; the dispatcher feeds it outcomes.
-        self.completer = Completer(
-            self.pool, s.schema, self.owner_id, self.dispatcher.release, metrics=self.metrics
-        )
-        self.dispatcher.completer = self.completer
         self.queue_stats = QueueStats(
             self.pool,
             s.schema,
@@ -202,12 +232,10 @@ class Runtime:
             interval=s.heartbeat_interval,
             prune_after=max(s.stale_after, 10 * s.heartbeat_interval),
         )
-        self.notifier.subscribe(self.names.jobs_channel, lambda _: self.dispatcher.wake("notify"))
-        self.notifier.subscribe(self.names.cancel_channel, self._cancel_requested)
-        self.notifier.subscribe(
-            self.names.control_channel, lambda _: self.dispatcher.wake("control")
-        )
-        self.notifier.on_reconnect(lambda: self.dispatcher.wake("reconnect"))
+        self.notifier.subscribe(self.names.jobs_channel, lambda _: self.wakeup.wake("notify"))
+        self.notifier.subscribe(self.names.cancel_channel, self._cancel_hinted)
+        self.notifier.subscribe(self.names.control_channel, lambda _: self.wakeup.wake("control"))
+        self.notifier.on_reconnect(lambda: self.wakeup.wake("reconnect"))
         self.metrics.info.labels(VERSION, self.owner_id).set(1)
 
         for hook in self.app.startup_hooks:
@@ -257,7 +285,7 @@ class Runtime:
         return self._pool
 
     def running_by_type(self) -> dict[str, int]:
-        return self.dispatcher.running_by_type()
+        return self.slots.running_by_type()
 
     def limits(self) -> dict[str, Any]:
         return {"global": self.dispatcher.limit, "types": dict(self.dispatcher.type_limits)}
@@ -293,7 +321,7 @@ class Runtime:
             return
         self._stopping = True
         s = self.settings
-        self.log.info("shutdown_started", running=len(self.dispatcher.attempts))
+        self.log.info("shutdown_started", running=len(self.slots))
         watchdog = asyncio.create_task(self._report_stuck_shutdown(s.shutdown_timeout + 20))
         try:
             await self._stop(s)
@@ -310,11 +338,13 @@ class Runtime:
         await self.elector.release()
         if s.mode == "all":
             await self.dispatcher.step_down()
-        drained = await self.dispatcher.drain(s.shutdown_timeout)
-        if not drained:
-            cancelled = self.dispatcher.cancel_all(CancelReason.SHUTDOWN)
+        await self._hand_back_unheld()
+        if not await self.slots.drain(s.shutdown_timeout):
+            cancelled = self.slots.cancel_all(CancelReason.SHUTDOWN)
             self.log.warning("shutdown_requeueing", jobs=cancelled)
-            drained = await self.dispatcher.drain(5.0)
+            await self.slots.drain(SHUTDOWN_GRACE)
+        if self.slots.threads_still_running() and self._exit_process is None:
+            await self._wait_for_threads()
         if not await self.completer.flush(5.0):
             self.log.error("shutdown_outcomes_unwritten", outcomes=self.completer.backlog)
         for hook in self.app.shutdown_hooks:
@@ -326,10 +356,14 @@ class Runtime:
                 self.log.error("shutdown_hook_timed_out", hook=name, after=SHUTDOWN_HOOK_TIMEOUT)
             except Exception:
                 self.log.exception("shutdown_hook_failed", hook=name)
+        stuck = self.slots.threads_still_running()
+        if stuck and self._exit_process is not None:
+            await self._hand_back_and_exit(stuck, self._exit_process)
         if self._http is not None:
             self._http.should_exit = True
         await cancel_and_wait(self._tasks.leading)
         await cancel_and_wait(self._tasks.always)
+        self.drained = await self._nothing_left_processing()
         await self.registry.remove()
         await self.notifier.close()
         if self._pool is not None:
@@ -341,7 +375,80 @@ class Runtime:
                 self.log.warning("pool_close_timed_out", after=POOL_CLOSE_TIMEOUT)
                 self._pool.terminate()
         self.threads.shutdown(wait=False, cancel_futures=True)
-        self.log.info("shutdown_complete", drained=drained)
+        self.log.info("shutdown_complete", drained=self.drained)
+
+    async def _hand_back_unheld(self) -> None:
+        """Rows a claim committed whose reply was lost: pending again (best effort; the
+        reaper rescues what this cannot reach)."""
+        try:
+            async with asyncio.timeout(SHUTDOWN_HOOK_TIMEOUT):
+                await self.dispatcher.hand_back_unheld()
+        except Exception as exc:
+            self.log.warning("shutdown_hand_back_failed", error=describe(exc))
+
+    async def _wait_for_threads(self) -> None:
+        """Without a process to end, a thread that ignores job.cancelled keeps its
+        attempt live (heartbeated, not handed back) until it returns."""
+        while True:
+            running = self.slots.threads_still_running()
+            if not running:
+                return
+            self.log.error(
+                "shutdown_waiting_for_threads",
+                job_ids=[a.job.id for a in running],
+                hint="plain def executors should return when job.cancelled is set",
+            )
+            await self.slots.drain(SHUTDOWN_GRACE)
+
+    async def _hand_back_and_exit(self, stuck: list[Attempt], exit_process: ExitProcess) -> None:
+        """Hand the jobs of threads that will not stop back (due in HAND_BACK_DELAY),
+        then end the process at once: its exit is what stops the threads."""
+        for attempt in stuck:
+            job = attempt.job
+            self.completer.submit(
+                Outcome(job.id, job.attempt, job.type, OutcomeKind.REQUEUE,
+                        delay=HAND_BACK_DELAY, source=attempt)
+            )  # fmt: skip
+        written = await self.completer.flush(5.0)
+        self.log.warning(
+            "shutdown_exiting_with_threads_running",
+            job_ids=[a.job.id for a in stuck],
+            handed_back=written,
+        )
+        _flush_std_streams()
+        exit_process(0)
+
+    def _threads_unstoppable(self, attempts: list[Attempt]) -> None:
+        """Heartbeat callback: cut off from the database, with threads that did not stop
+        when told; the reaper may rescue their jobs soon."""
+        job_ids = [a.job.id for a in attempts]
+        if self._exit_process is None:
+            self.log.critical(
+                "sync_jobs_unstoppable",
+                job_ids=job_ids,
+                hint="the reaper may rescue these jobs while their threads still run; "
+                "plain def executors should return when job.cancelled is set",
+            )
+            return
+        self.log.critical("exiting_sync_jobs_unstoppable", job_ids=job_ids)
+        _flush_std_streams()
+        self._exit_process(EXIT_THREADS_UNSTOPPABLE)
+
+    async def _nothing_left_processing(self) -> bool:
+        """True when no row is processing under our owner id (False if unknown)."""
+        try:
+            async with self.pool.acquire(timeout=5) as conn:
+                left: int = await conn.fetchval(
+                    queries_for(self.settings.schema)["owned_processing_count"],
+                    self.owner_id,
+                    timeout=5,
+                )
+        except Exception as exc:
+            self.log.warning("shutdown_check_failed", error=describe(exc))
+            return False
+        if left:
+            self.log.warning("shutdown_left_jobs_processing", jobs=left)
+        return left == 0
 
     async def run_until_signalled(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then shut down gracefully. A second
@@ -357,7 +464,7 @@ class Runtime:
             if signals == 1:
                 stop.set()
             else:
-                self.dispatcher.cancel_all(CancelReason.SHUTDOWN)
+                self.slots.cancel_all(CancelReason.SHUTDOWN)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
@@ -388,14 +495,16 @@ class Runtime:
         self._tasks.leading.clear()
         self.periodic.forget()
 
-    def _cancel_requested(self, payload: str) -> None:
+    def _cancel_hinted(self, payload: str) -> None:
+        """A cancel NOTIFY is a hint, not an order: anyone may send one. If it names a
+        job we run, heartbeat now; the row's cancel_requested decides."""
         try:
             job_id = int(payload)
         except ValueError:
             self.log.warning("cancel_notification_ignored", payload=payload[:100])
             return
-        if self.dispatcher.cancel(job_id, CancelReason.REQUESTED):
-            self.log.info("job_cancel_requested", job_id=job_id)
+        if self.slots.holds_job(job_id):
+            self.heartbeat.beat_soon()
 
     def _supervised(self, name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
         """Run a service for good: one that dies of an unexpected error is logged with
@@ -449,6 +558,13 @@ class _HttpServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def _flush_std_streams() -> None:
+    """Before os._exit: log lines still buffered would be lost."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:

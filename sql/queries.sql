@@ -246,9 +246,15 @@ ORDER BY started_at, id;
 -- $4[i] jobs, at most $5 in all, in priority, run_at, id order. Fenced: nothing is
 -- claimed unless term $1 and holder $2 still lead; the leader row is share-locked so
 -- a new election waits for this claim to commit, then counts its jobs as running.
+-- Also fenced by claim number $8 (see revoke_claims): the owner's replica row is
+-- key-share-locked, so a revocation waits for this claim, or this claim for it.
 -- max_attempts and timeout left NULL on the row take the executor's $6[i] and $7[i].
 WITH fence AS MATERIALIZED (
-    SELECT term FROM {{schema}}.leader WHERE term = $1 AND holder = $2 FOR SHARE
+    SELECT l.term
+    FROM {{schema}}.leader l
+    JOIN {{schema}}.replicas r ON r.id = $2 AND r.claims_revoked_before <= $8
+    WHERE l.term = $1 AND l.holder = $2
+    FOR SHARE OF l FOR KEY SHARE OF r
 ),
 capacity AS (
     SELECT * FROM unnest($3::text[], $4::integer[], $6::integer[], $7::double precision[])
@@ -292,10 +298,13 @@ RETURNING j.id, j.type, j.payload::text AS payload, j.attempts, j.max_attempts, 
 -- Write a batch of attempt outcomes for owner $1 (group commit). Per job: id $2[i],
 -- attempt $3[i], outcome $4[i] (completed, failed, cancelled; retry: a failed attempt
 -- to run again after $8[i] seconds; snooze: again after $8[i] seconds without spending
--- the attempt; requeue: again now, attempt refunded), result JSON $5[i], error $6[i],
--- traceback tail $7[i]. A job whose cancel was requested ends cancelled instead of
--- going back to pending. Fenced: only jobs still processing under this owner and
--- attempt change; the rows returned are the ones written, the rest were taken from us.
+-- the attempt; requeue: again after $8[i] seconds, attempt refunded), result JSON
+-- $5[i], error $6[i], traceback tail $7[i]. A job whose cancel was requested ends
+-- cancelled instead of going back to pending. Fenced: only jobs still processing
+-- under this owner and attempt change; the rows returned are the ones written, the
+-- rest were taken from us. Waits at most $9 (e.g. '500ms') for a row another session
+-- holds locked, then fails with lock_not_available (55P03): the completer then writes
+-- the batch's outcomes one by one, so one locked row holds back only itself.
 UPDATE {{schema}}.jobs j SET
     status = CASE
         WHEN o.outcome NOT IN ('retry', 'snooze', 'requeue') THEN o.outcome
@@ -330,16 +339,53 @@ WHERE j.id = o.id
   AND j.owner = $1
   AND j.attempts = o.attempt
   AND j.status = 'processing'
-RETURNING j.id, j.status;
+  -- The lock wait limit for this statement only (is_local: its own transaction). An
+  -- uncorrelated condition: evaluated once, before any row is touched.
+  AND (SELECT set_config('lock_timeout', $9, true)) IS NOT NULL
+RETURNING j.id, o.attempt, j.status;
 
 -- name: heartbeat_jobs
--- Mark owner $1's running attempts ($2[i] id, $3[i] attempt) alive. Returns the ones
--- still ours, with their cancel flag; an attempt not returned was taken from us.
-UPDATE {{schema}}.jobs j SET heartbeat_at = now()
-FROM unnest($2::bigint[], $3::integer[]) AS h(id, attempt)
-WHERE j.id = h.id AND j.id = ANY($2::bigint[])  -- by primary key (see complete_jobs)
-  AND j.attempts = h.attempt AND j.owner = $1 AND j.status = 'processing'
-RETURNING j.id, j.cancel_requested;
+-- Mark owner $1's running attempts ($2[i] id, $3[i] attempt) alive. One row back per
+-- attempt: beaten (heartbeat_at written), ours (still processing under this owner and
+-- attempt: an attempt that is not was taken from us), cancel_requested. A row another
+-- session holds locked is skipped, not waited for (SKIP LOCKED): it comes back ours
+-- and not beaten, read from its last committed version (record_locked_jobs tells the
+-- reaper it is alive).
+WITH h AS (
+    SELECT * FROM unnest($2::bigint[], $3::integer[]) AS h(id, attempt)
+),
+locked AS (
+    SELECT j.id
+    FROM {{schema}}.jobs j
+    JOIN h ON h.id = j.id AND h.attempt = j.attempts
+    WHERE j.id = ANY($2::bigint[])  -- by primary key (see complete_jobs)
+      AND j.owner = $1 AND j.status = 'processing'
+    FOR UPDATE OF j SKIP LOCKED
+),
+beat AS (
+    UPDATE {{schema}}.jobs j SET heartbeat_at = now()
+    FROM locked
+    WHERE j.id = locked.id AND j.id = ANY($2::bigint[])
+    RETURNING j.id, j.attempts, j.cancel_requested
+)
+SELECT h.id, h.attempt,
+       b.id IS NOT NULL AS beaten,
+       b.id IS NOT NULL OR still.id IS NOT NULL AS ours,
+       coalesce(b.cancel_requested, still.cancel_requested, false) AS cancel_requested
+FROM h
+LEFT JOIN beat b ON b.id = h.id AND b.attempts = h.attempt
+LEFT JOIN LATERAL (
+    SELECT c.id, c.cancel_requested FROM {{schema}}.jobs c
+    WHERE b.id IS NULL AND c.id = h.id AND c.attempts = h.attempt
+      AND c.owner = $1 AND c.status = 'processing'
+) AS still ON true;
+
+-- name: record_locked_jobs
+-- Owner $1's running jobs $2 that its heartbeat had to skip (another session holds
+-- their row lock): alive, though their heartbeat_at ages. The reaper spares them
+-- while this list is fresh.
+UPDATE {{schema}}.replicas SET locked_job_ids = $2, locked_job_ids_at = now()
+WHERE id = $1;
 
 -- name: next_due_in
 -- Seconds until the earliest future run_at among pending jobs of types $1; NULL:
@@ -380,11 +426,68 @@ GROUP BY type;
 
 -- name: update_progress
 -- Write the latest progress of owner $1's running attempts ($2[i] id, $3[i] attempt,
--- $4[i] progress JSON).
+-- $4[i] progress JSON). Rows another session holds locked are skipped; returns the
+-- (id, attempt) pairs written.
+WITH p AS (
+    SELECT * FROM unnest($2::bigint[], $3::integer[], $4::text[]) AS p(id, attempt, progress)
+),
+locked AS (
+    SELECT j.id
+    FROM {{schema}}.jobs j
+    JOIN p ON p.id = j.id AND p.attempt = j.attempts
+    WHERE j.id = ANY($2::bigint[])  -- by primary key (see complete_jobs)
+      AND j.owner = $1 AND j.status = 'processing'
+    FOR UPDATE OF j SKIP LOCKED
+)
 UPDATE {{schema}}.jobs j SET progress = p.progress::jsonb
-FROM unnest($2::bigint[], $3::integer[], $4::text[]) AS p(id, attempt, progress)
-WHERE j.id = p.id AND j.id = ANY($2::bigint[])  -- by primary key (see complete_jobs)
-  AND j.attempts = p.attempt AND j.owner = $1 AND j.status = 'processing';
+FROM locked, p
+WHERE j.id = locked.id AND j.id = ANY($2::bigint[])
+  AND p.id = j.id AND p.attempt = j.attempts
+RETURNING j.id, j.attempts AS attempt;
+
+-- name: revoke_claims
+-- Owner $1 revokes its claims numbered below $2: waits (FOR UPDATE against the claims'
+-- KEY SHARE) for any of them still running, and makes any not yet run claim nothing.
+-- First statement of the transaction that runs hand_back_unheld.
+WITH gate AS (
+    SELECT id FROM {{schema}}.replicas WHERE id = $1 FOR UPDATE
+)
+UPDATE {{schema}}.replicas r
+SET claims_revoked_before = greatest(r.claims_revoked_before, $2)
+FROM gate
+WHERE r.id = gate.id;
+
+-- name: hand_back_unheld
+-- Owner $1's processing rows that it does not hold (not among attempts $2[i] id,
+-- $3[i] attempt): rows a claim committed whose reply never came back. Back to pending
+-- at once, attempt refunded (it never started). After revoke_claims, in its
+-- transaction, so no claim of ours can still add to them. Rows another session holds
+-- locked are left (the reaper rescues them if they stay). Returns the rows handed back.
+WITH unheld AS (
+    SELECT j.id
+    FROM {{schema}}.jobs j
+    WHERE j.status = 'processing' AND j.owner = $1
+      AND NOT EXISTS (
+          SELECT 1 FROM unnest($2::bigint[], $3::integer[]) AS h(id, attempt)
+          WHERE h.id = j.id AND h.attempt = j.attempts
+      )
+    FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE {{schema}}.jobs j SET
+    status = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE 'pending' END,
+    finished_at = CASE WHEN j.cancel_requested THEN now() END,
+    attempts = j.attempts - 1,
+    started_at = NULL,
+    heartbeat_at = NULL,
+    owner = NULL,
+    term = NULL
+FROM unheld
+WHERE j.id = unheld.id
+RETURNING j.id, j.type, j.status;
+
+-- name: owned_processing_count
+-- How many rows are processing under owner $1 (zero: a shutdown left nothing behind).
+SELECT count(*)::integer FROM {{schema}}.jobs WHERE status = 'processing' AND owner = $1;
 
 -- ---------------------------------------------------------------------------------
 -- Reaper (leader only)
@@ -392,15 +495,22 @@ WHERE j.id = p.id AND j.id = ANY($2::bigint[])  -- by primary key (see complete_
 
 -- name: stale_jobs
 -- Lock up to $2 processing jobs whose owner has not heartbeated them for $1 seconds
--- (in the reaper's transaction; rows being heartbeated right now are skipped).
-SELECT id, type, attempts, max_attempts,
+-- (in the reaper's transaction; rows being heartbeated right now are skipped), unless
+-- the owner said within $1 seconds that it holds the job but finds its row locked by
+-- another session (record_locked_jobs): that attempt is alive.
+SELECT j.id, j.type, j.attempts, j.max_attempts,
        format('stale: owner stopped heartbeating (owner %s, last heartbeat %ss ago)',
-              owner, round(extract(epoch FROM now() - heartbeat_at))) AS error
-FROM {{schema}}.jobs
-WHERE status = 'processing' AND heartbeat_at < now() - make_interval(secs => $1)
-ORDER BY heartbeat_at
+              j.owner, round(extract(epoch FROM now() - j.heartbeat_at))) AS error
+FROM {{schema}}.jobs j
+WHERE j.status = 'processing' AND j.heartbeat_at < now() - make_interval(secs => $1)
+  AND NOT EXISTS (
+      SELECT 1 FROM {{schema}}.replicas r
+      WHERE r.id = j.owner AND j.id = ANY(r.locked_job_ids)
+        AND r.locked_job_ids_at > now() - make_interval(secs => $1)
+  )
+ORDER BY j.heartbeat_at
 LIMIT $2
-FOR UPDATE SKIP LOCKED;
+FOR UPDATE OF j SKIP LOCKED;
 
 -- name: rescue_jobs
 -- Record the lost attempt of each stale job $1[i] as failed with error $4[i], then
@@ -730,8 +840,14 @@ FROM (SELECT t FROM unnest($1::text[]) AS t ORDER BY t) AS ordered;
 -- (NULL: no cluster limit), nor beyond $8[i] starts per $9[i] seconds counting starts
 -- anywhere (NULL: no rate limit); at most $5 in all. Run after lock_types, in the same
 -- transaction, so the counts see every claim committed before ours. Times are the
--- statement's, not the transaction's: the lock wait comes before the claim.
-WITH running AS (
+-- statement's, not the transaction's: the lock wait comes before the claim. Fenced by
+-- claim number $10 as claim_jobs is.
+WITH fence AS MATERIALIZED (
+    SELECT r.id FROM {{schema}}.replicas r
+    WHERE r.id = $1 AND r.claims_revoked_before <= $10
+    FOR KEY SHARE
+),
+running AS (
     SELECT type, count(*)::integer AS n
     FROM {{schema}}.jobs
     WHERE status = 'processing' AND type = ANY($2::text[])
@@ -774,7 +890,7 @@ capacity AS (
 ),
 picked AS MATERIALIZED (
     SELECT j.id, capacity.max_attempts, capacity.timeout
-    FROM capacity
+    FROM fence, capacity
     CROSS JOIN LATERAL (
         SELECT id, priority, run_at
         FROM {{schema}}.jobs

@@ -16,7 +16,7 @@ from dispatcher.runtime import Runtime
 from tests.support.apps import make_app, seen
 from tests.support.database import migrated_schema
 from tests.support.private_postgres import private_postgres
-from tests.support.runtimes import fast_env
+from tests.support.runtimes import fast_env, held_attempt
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.chaos
@@ -42,7 +42,7 @@ async def test_jobs_are_abandoned_when_the_database_is_gone_and_retried_after(
             )
             await conn.close()
             attempt = await eventually(
-                lambda: asyncio.sleep(0, runtime.dispatcher.attempts.get(job_id)),
+                lambda: asyncio.sleep(0, held_attempt(runtime, job_id)),
                 timeout=10,
                 what="the job to start",
             )

@@ -248,9 +248,7 @@ async def test_metrics_expose_every_metric_after_jobs_ran(
         await eventually(settled, timeout=20, what="jobs to run")
         long_id = await conn.fetchval(f"SELECT id FROM {db.jobs} WHERE type = 't.long_then_quick'")
         await conn.execute(f"UPDATE {db.jobs} SET cancel_requested = true WHERE id = $1", long_id)
-        await eventually(
-            lambda: asyncio.sleep(0, not runtime.dispatcher.attempts), timeout=10, what="cancel"
-        )
+        await eventually(lambda: asyncio.sleep(0, not runtime.slots), timeout=10, what="cancel")
     finally:
         await conn.close()
     await runtime.queue_stats.run_once()

@@ -13,17 +13,18 @@ from dispatcher.executor import CancelReason, Outcome, OutcomeKind
 from dispatcher.metrics import Metrics
 from dispatcher.queries import queries_for
 from tests.support.apps import make_app
-from tests.support.database import TestDatabase
-from tests.support.runtimes import StartRuntime
+from tests.support.database import TestDatabase, register_owner
+from tests.support.runtimes import StartRuntime, held_attempt
 from tests.support.waiting import eventually
 
 
 async def claim(conn: asyncpg.Connection, db: TestDatabase, owner: str, n: int) -> list[int]:
     """Claim n jobs the way the leader does (term 1 under holder ``owner``)."""
     await conn.execute(f'UPDATE "{db.schema}".leader SET term = 1, holder = $1', owner)
+    await register_owner(conn, db.schema, owner)
     await conn.execute(f"INSERT INTO {db.jobs} (type) SELECT 't' FROM generate_series(1, $1)", n)
     rows = await conn.fetch(
-        queries_for(db.schema)["claim_jobs"], 1, owner, ["t"], [n], n, [3], [None]
+        queries_for(db.schema)["claim_jobs"], 1, owner, ["t"], [n], n, [3], [None], 1
     )
     return sorted(r["id"] for r in rows)
 
@@ -31,7 +32,7 @@ async def claim(conn: asyncpg.Connection, db: TestDatabase, owner: str, n: int) 
 async def test_one_statement_for_a_batch_and_a_bad_outcome_is_isolated(db: TestDatabase) -> None:
     pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=2)
     conn = await db.connect()
-    batches: list[tuple[list[Outcome], dict[int, str]]] = []
+    batches: list[tuple[list[Outcome], dict[tuple[int, int], str]]] = []
     metrics = Metrics()
     completer = Completer(
         pool, db.schema, "me", lambda b, w: batches.append((b, w)), metrics=metrics
@@ -64,7 +65,7 @@ async def test_one_statement_for_a_batch_and_a_bad_outcome_is_isolated(db: TestD
 async def test_outcomes_of_attempts_we_no_longer_own_are_fenced(db: TestDatabase) -> None:
     pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=2)
     conn = await db.connect()
-    written: list[dict[int, str]] = []
+    written: list[dict[tuple[int, int], str]] = []
     metrics = Metrics()
     completer = Completer(pool, db.schema, "me", lambda b, w: written.append(w), metrics=metrics)
     task = asyncio.create_task(completer.run())
@@ -96,7 +97,7 @@ async def test_a_running_attempt_taken_from_its_owner_is_stopped(
             f"INSERT INTO {db.jobs} (type) VALUES ('t.long_then_quick') RETURNING id"
         )
         attempt = await eventually(
-            lambda: asyncio.sleep(0, runtime.dispatcher.attempts.get(job_id)),
+            lambda: asyncio.sleep(0, held_attempt(runtime, job_id)),
             timeout=10,
             what="the job to start",
         )
@@ -104,7 +105,7 @@ async def test_a_running_attempt_taken_from_its_owner_is_stopped(
             f"UPDATE {db.jobs} SET owner = 'someone-else', attempts = 2 WHERE id = $1", job_id
         )
         await eventually(
-            lambda: asyncio.sleep(0, job_id not in runtime.dispatcher.attempts),
+            lambda: asyncio.sleep(0, held_attempt(runtime, job_id) is None),
             timeout=5,
             what="the attempt to be stopped and its slot freed",
         )

@@ -229,7 +229,7 @@ async def test_progress_is_readable_while_the_job_runs_and_cancel_stops_it(
     row = await wait_status(db, job_id, "cancelled", timeout=5)
     took = asyncio.get_running_loop().time() - requested
     assert took < 1.0, f"cancel took {took:.2f}s"
-    assert row["finished_at"] is not None and not runtime.dispatcher.attempts
+    assert row["finished_at"] is not None and not runtime.slots
 
 
 async def test_demo_sleep_reports_progress_each_second(
@@ -380,7 +380,7 @@ def parked_in_its_wait(task: asyncio.Task[None] | None) -> bool:
     if task is None or task.done():
         return False
     chain = awaiting(task)  # the claim loop, then what it awaits
-    return len(chain) > 1 and chain[1].split()[-1] in {"wait_for", "wait_for_event"}
+    return len(chain) > 1 and chain[1].startswith("wakeup.py:") and chain[1].endswith(" wait")
 
 
 async def test_a_leader_woken_as_it_stops_still_stops(

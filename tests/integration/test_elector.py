@@ -16,7 +16,7 @@ from dispatcher.notifier import Notifier
 from dispatcher.queries import queries_for
 from dispatcher.replicas import ReplicaRegistry, incarnation_id
 from dispatcher.schema import SchemaNames
-from tests.support.database import TestDatabase
+from tests.support.database import TestDatabase, register_owner
 from tests.support.waiting import eventually
 
 
@@ -364,7 +364,9 @@ async def test_stale_term_claims_and_stale_attempt_completions_are_refused(
         jobs = f'"{db.schema}".jobs'
         await conn.execute(f"INSERT INTO {jobs} (type) SELECT 'fenced' FROM generate_series(1, 3)")
         old = await conn.fetchrow(q["leader_try_elect"], names.leader_lock_name, "old-leader", 10.0)
-        claim_args = (["fenced"], [1], 1, [5], [None])
+        for owner in ("old-leader", "new"):
+            await register_owner(conn, db.schema, owner)
+        claim_args = (["fenced"], [1], 1, [5], [None], 1)
         claimed = await conn.fetch(q["claim_jobs"], old["term"], "old-leader", *claim_args)
         assert len(claimed) == 1 and claimed[0]["attempts"] == 1
         job_id = claimed[0]["id"]
@@ -382,7 +384,8 @@ async def test_stale_term_claims_and_stale_attempt_completions_are_refused(
         assert [(r["id"], r["attempts"]) for r in again] == [(job_id, 2)]
 
         def outcome(owner: str, attempt: int) -> tuple[object, ...]:
-            return (owner, [job_id], [attempt], ["completed"], ['"late"'], [None], [None], [0.0])
+            return (owner, [job_id], [attempt], ["completed"], ['"late"'], [None], [None], [0.0],
+                    "1s")  # fmt: skip
 
         # The old owner's late result for attempt 1 is fenced off...
         assert await conn.fetch(q["complete_jobs"], *outcome("old-leader", 1)) == []
@@ -410,9 +413,10 @@ async def test_a_claim_racing_an_election_is_fenced(db: TestDatabase) -> None:
             "term"
         ]
         await claimer.execute(q["leader_release"], term, "a", names.leader_lock_name, "x")
+        await register_owner(claimer, db.schema, "a")
         tx = claimer.transaction()
         await tx.start()
-        claimed = await claimer.fetch(q["claim_jobs"], term, "a", ["t"], [1], 1, [3], [None])
+        claimed = await claimer.fetch(q["claim_jobs"], term, "a", ["t"], [1], 1, [3], [None], 1)
         assert len(claimed) == 1
         election = asyncio.create_task(
             elector.fetchrow(q["leader_try_elect"], names.leader_lock_name, "b", 10.0)
@@ -422,7 +426,7 @@ async def test_a_claim_racing_an_election_is_fenced(db: TestDatabase) -> None:
         await tx.commit()
         new = await asyncio.wait_for(election, 5)
         assert new["term"] == term + 1
-        assert await claimer.fetch(q["claim_jobs"], term, "a", ["t"], [1], 1, [3], [None]) == []
+        assert await claimer.fetch(q["claim_jobs"], term, "a", ["t"], [1], 1, [3], [None], 2) == []
         assert Role.LEADER.value == "leader"
     finally:
         await claimer.close()

@@ -20,7 +20,7 @@ from dispatcher.queue_stats import QueueStats
 from dispatcher.runtime import Runtime
 from tests.support.apps import make_feature_app, seen
 from tests.support.database import TestDatabase
-from tests.support.runtimes import StartRuntime
+from tests.support.runtimes import StartRuntime, held_attempt
 from tests.support.waiting import eventually
 
 
@@ -165,7 +165,7 @@ async def test_pause_stops_new_starts_survives_a_leader_kill_and_resume_restarts
     client = AsyncClient(pool=a.pool, schema=db.schema)
     running = await client.enqueue("t.pausable", {"seconds": 2.0})
     await eventually(
-        lambda: asyncio.sleep(0, running.id in a.dispatcher.attempts), timeout=5, what="start"
+        lambda: asyncio.sleep(0, held_attempt(a, running.id) is not None), timeout=5, what="start"
     )
     paused_at = asyncio.get_running_loop().time()
     await client.pause("t.pausable")
@@ -178,7 +178,7 @@ async def test_pause_stops_new_starts_survives_a_leader_kill_and_resume_restarts
     assert [(await client.get(j.id)).status.value for j in waiting] == ["pending"] * 5
     # The running job finishes while paused.
     await eventually(
-        lambda: asyncio.sleep(0, running.id not in a.dispatcher.attempts), timeout=10, what="end"
+        lambda: asyncio.sleep(0, held_attempt(a, running.id) is None), timeout=10, what="end"
     )
     assert (await client.get(running.id)).status.value == "completed"
 

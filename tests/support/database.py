@@ -38,6 +38,16 @@ class TestDatabase:
         return f'"{self.schema}".jobs'
 
 
+async def register_owner(conn: asyncpg.Connection, schema: str, owner: str) -> None:
+    """A replica row for ``owner``: claims are fenced by their owner's replica row, so
+    a test that claims with plain SQL registers its owner first (as a runtime does)."""
+    from dispatcher.queries import queries_for
+
+    await conn.execute(
+        queries_for(schema)["replica_heartbeat"], owner, owner, "test", 0, "test", "standby", []
+    )
+
+
 def new_schema_name() -> str:
     return f"t_{uuid.uuid4().hex[:16]}"
 

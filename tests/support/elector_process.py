@@ -34,6 +34,9 @@ def emit(event: str, **fields: Any) -> None:
 
 async def claim_probe(elector: Elector, dsn: str, schema: str, job_type: str) -> None:
     claim = queries_for(schema)["claim_jobs"]
+    # Claims are fenced by their owner's replica row (as a runtime's registry keeps it).
+    register = queries_for(schema)["replica_heartbeat"]
+    claims = 0
     conn: asyncpg.Connection | None = None
     while True:
         await asyncio.sleep(0.05)
@@ -43,8 +46,12 @@ async def claim_probe(elector: Elector, dsn: str, schema: str, job_type: str) ->
         try:
             if conn is None or conn.is_closed():
                 conn = await asyncpg.connect(dsn)
+                await conn.execute(
+                    register, elector.owner_id, "probe", "test", 0, "test", "leader", []
+                )
+            claims += 1
             rows = await conn.fetch(
-                claim, term, elector.owner_id, [job_type], [1], 1, [1], [None], timeout=2
+                claim, term, elector.owner_id, [job_type], [1], 1, [1], [None], claims, timeout=2
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
             conn = None

@@ -9,6 +9,7 @@ import pytest
 
 from dispatcher.app import App
 from dispatcher.config import load_settings
+from dispatcher.executor import Attempt
 from dispatcher.runtime import Runtime
 from tests.support.database import TestDatabase
 
@@ -30,6 +31,12 @@ def fast_env(**overrides: str) -> dict[str, str]:
 
 
 StartRuntime = Callable[..., Awaitable[Runtime]]
+
+
+def held_attempt(runtime: Runtime, job_id: int) -> Attempt | None:
+    """The newest attempt of job ``job_id`` the runtime holds, if any."""
+    held = [a for a in runtime.slots.attempts() if a.job.id == job_id]
+    return held[-1] if held else None
 
 
 @pytest.fixture

@@ -160,3 +160,64 @@ async def test_an_attempt_that_could_not_start_in_time_is_handed_back_unrun() ->
     assert outcome.kind is OutcomeKind.REQUEUE and delivered == [outcome]
     assert ran == [1], "only the attempt that started in time ran"
     assert late.finished
+
+
+async def test_a_thread_past_its_timeout_keeps_the_attempt_until_it_returns() -> None:
+    # A thread cannot be stopped: the outcome (and so the retry) waits for it.
+    def stubborn(job: Job) -> str:
+        time.sleep(0.3)  # ignores job.cancelled
+        return "done anyway"
+
+    attempt = attempt_of(stubborn, timeout=0.05)
+    started = time.monotonic()
+    with thread_pool(1) as threads:
+        outcome = await run_attempt(attempt, threads)
+    assert time.monotonic() - started >= 0.3
+    assert (outcome.kind, outcome.error) == (OutcomeKind.RETRY, "timed out after 0.05s")
+    assert outcome.source is attempt and not attempt.thread_running
+
+
+async def test_a_cancelled_thread_ends_by_its_reason_once_it_returns() -> None:
+    returned = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def stubborn(job: Job) -> str:
+        time.sleep(0.2)
+        loop.call_soon_threadsafe(returned.set)
+        return "done anyway"
+
+    attempt = attempt_of(stubborn)
+    with thread_pool(1) as threads:
+        task = asyncio.ensure_future(run_attempt(attempt, threads))
+        attempt.task = task
+        await eventually_true(lambda: attempt.thread_running)
+        assert attempt.cancel(CancelReason.SHUTDOWN)
+        assert not task.done() and attempt.thread_running, "live until the thread returns"
+        outcome = await task
+    assert returned.is_set()
+    assert outcome.kind is OutcomeKind.REQUEUE
+
+
+async def test_an_attempt_cancelled_before_it_started_never_runs() -> None:
+    ran: list[int] = []
+
+    async def work(job: Job) -> None:
+        ran.append(job.id)
+
+    def sync_work(job: Job) -> None:
+        ran.append(job.id)
+
+    with thread_pool(1) as threads:
+        for function in (work, sync_work):
+            attempt = attempt_of(function)
+            assert attempt.cancel(CancelReason.REQUESTED)  # claimed with cancel_requested
+            attempt.task = asyncio.ensure_future(run_attempt(attempt, threads))
+            assert (await attempt.task).kind is OutcomeKind.CANCELLED
+    assert ran == []
+
+
+async def eventually_true(check: Any, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
