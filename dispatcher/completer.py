@@ -35,6 +35,10 @@ from dispatcher.queries import queries_for
 Written = dict[tuple[int, int], str]
 # Called with each finished batch (written or fenced) and what was written.
 OnWritten = Callable[[list[Outcome], Written], None]
+# A write (or the connection's release) slower than this is abandoned and tried again:
+# the database may have taken it (then the retry finds the attempt ended, and the
+# outcome counts as fenced), or not.
+WRITE_TIMEOUT = 30.0
 # How long a completion batch waits for a row another session holds locked before it
 # is written one outcome at a time (Postgres' lock_timeout syntax).
 ROW_LOCK_WAIT = "500ms"
@@ -190,7 +194,7 @@ class Completer:
         """complete_jobs: what it wrote, and the outcomes whose row another session
         holds locked (busy: written later)."""
         try:
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire(timeout=WRITE_TIMEOUT) as conn:
                 rows = await conn.fetch(
                     self._sql,
                     self._owner_id,
@@ -202,6 +206,7 @@ class Completer:
                     [o.traceback for o in batch],
                     [o.delay for o in batch],
                     ROW_LOCK_WAIT,
+                    timeout=WRITE_TIMEOUT,
                 )
         except asyncpg.LockNotAvailableError:
             if len(batch) == 1:

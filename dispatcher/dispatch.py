@@ -308,7 +308,8 @@ class Dispatcher:
         timeouts = [self._timeouts[i] for i in indexes]
         self._claims += 1
         number = self._claims
-        async with self._pool.acquire() as conn:
+        # Bounded, release included: a step-down waits for this under the claim lock.
+        async with self._pool.acquire(timeout=self._claim_timeout) as conn:
             if worker:
                 rows = await self._claim_as_worker(conn, types, frees, indexes, batch, number)
             else:
@@ -401,7 +402,8 @@ class Dispatcher:
         whose reply never came back. Returns their ids."""
         async with self._claim_lock:
             held = self.slots.attempts()
-            async with self._pool.acquire() as conn, conn.transaction():
+            pool = self._pool
+            async with pool.acquire(timeout=self._claim_timeout) as conn, conn.transaction():
                 await conn.execute(
                     self._queries["revoke_claims"],
                     self.owner_id,

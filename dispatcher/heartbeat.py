@@ -32,6 +32,7 @@ from typing import Any
 
 import asyncpg
 
+from dispatcher.cancellation import cancel_and_wait
 from dispatcher.database_errors import describe
 from dispatcher.executor import Attempt, CancelReason
 from dispatcher.job import Job
@@ -70,6 +71,9 @@ class JobHeartbeat:
         self.give_up_after = max(stale_after - max(3 * interval, stale_after / 5), interval)
         # ... and if a thread is still running halfway to that point, it never will stop.
         self.unstoppable_after = (self.give_up_after + stale_after) / 2
+        # Bounds a heartbeat or flush, the connection's release included (asyncpg
+        # waits on a cancelled statement's reply before it reuses its connection).
+        self._step_timeout = 2 * interval
         self._metrics = metrics
         self._on_unstoppable = on_unstoppable
         self._log = log or get_logger("heartbeat")
@@ -90,22 +94,36 @@ class JobHeartbeat:
         self._beat_requested = True
 
     async def run(self) -> None:
+        """Tick every progress interval: flush progress, heartbeat when due, and check
+        for contact. Database work runs in tasks of its own, so the check goes on
+        while a statement hangs (a network that drops packets answers nothing)."""
         next_beat = time.monotonic() + self.interval
-        while True:
-            await asyncio.sleep(self._progress_interval)
-            if self._dirty:
-                await self._guarded(self.flush_progress)
-            if self._beat_requested or time.monotonic() >= next_beat:
-                self._beat_requested = False
-                next_beat = time.monotonic() + self.interval
-                sent = time.monotonic()
-                if await self._guarded(self.run_once):
-                    self._last_contact = sent
-            self._stop_if_cut_off()
+        beat: asyncio.Task[None] | None = None
+        flush: asyncio.Task[bool] | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await asyncio.sleep(self._progress_interval)
+                if self._dirty and (flush is None or flush.done()):
+                    flush = loop.create_task(self._guarded(self.flush_progress))
+                due = self._beat_requested or time.monotonic() >= next_beat
+                if due and (beat is None or beat.done()):
+                    self._beat_requested = False
+                    next_beat = time.monotonic() + self.interval
+                    beat = loop.create_task(self._beat())
+                self._stop_if_cut_off()
+        finally:
+            await cancel_and_wait([task for task in (beat, flush) if task is not None])
+
+    async def _beat(self) -> None:
+        sent = time.monotonic()
+        if await self._guarded(self.run_once):
+            self._last_contact = sent
 
     async def _guarded(self, step: Callable[[], Any]) -> bool:
         try:
-            await step()
+            async with asyncio.timeout(self._step_timeout):
+                await step()
         except Exception as exc:
             self._metrics.database_errors.labels("heartbeat").inc()
             self._log.warning("heartbeat_failed", error=describe(exc))
@@ -117,7 +135,7 @@ class JobHeartbeat:
         sent = self._slots.attempts()
         if not sent and not self._locked_recorded:
             return
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire(timeout=self._step_timeout) as conn:
             rows = await conn.fetch(
                 self._queries["heartbeat_jobs"],
                 self._owner_id,
@@ -159,7 +177,7 @@ class JobHeartbeat:
         jobs = [job for job in latest.values() if job.progress_value is not None]
         if not jobs:
             return
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire(timeout=self._step_timeout) as conn:
             rows = await conn.fetch(
                 self._queries["update_progress"],
                 self._owner_id,
