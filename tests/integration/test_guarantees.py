@@ -366,11 +366,15 @@ async def test_a_replica_stopped_with_a_claim_reply_in_flight_starts_its_rows(
             f"SELECT count(*) FROM {db.jobs} WHERE status = 'processing' AND owner = $1",
             runtime.owner_id,
         )
+        runs = await fetch_runs(conn, db.schema)
     finally:
         await conn.close()
     assert left == 0, "no row may stay processing under the stopped replica"
     assert [(r["status"], r["attempts"]) for r in rows] == [("completed", 1)] * len(ids)
     assert runtime.drained is True
+    assert runtime.running_by_type() == {}
+    assert sorted(r.job_id for r in runs if r.job_id in ids) == sorted(ids), "each ran once"
+    no_overlaps(runs)
 
 
 async def test_a_claim_whose_reply_is_lost_is_handed_back_at_once(
@@ -397,6 +401,7 @@ async def test_a_claim_whose_reply_is_lost_is_handed_back_at_once(
         ("completed", 1, "[]")
     ] * len(ids)
     assert sorted(r.job_id for r in runs if r.job_id in ids) == sorted(ids), "each ran once"
+    no_overlaps(runs)
 
 
 async def test_worker_mode_stop_with_a_claim_reply_in_flight_starts_its_rows(
@@ -413,10 +418,14 @@ async def test_worker_mode_stop_with_a_claim_reply_in_flight_starts_its_rows(
         proxy.release_replies()
         await asyncio.wait_for(stopping, 60)
         rows = await conn.fetch(f"SELECT status, attempts FROM {db.jobs} WHERE id = ANY($1)", ids)
+        runs = await fetch_runs(conn, db.schema)
     finally:
         await conn.close()
     assert [(r["status"], r["attempts"]) for r in rows] == [("completed", 1)] * len(ids)
     assert runtime.drained is True
+    assert runtime.running_by_type() == {}
+    assert sorted(r.job_id for r in runs if r.job_id in ids) == sorted(ids), "each ran once"
+    no_overlaps(runs)
 
 
 # --- 4. plain def executors are live until their thread returns ------------------------
@@ -464,6 +473,7 @@ async def test_shutdown_hands_a_threads_job_back_only_once_the_thread_returned(
         await wait_status(conn, db, job_id, "processing")
         await first.stop()
         row = await wait_status(conn, db, job_id, "completed", timeout=20)
+        await idle(second)
         runs = await fetch_runs(conn, db.schema)
     finally:
         await conn.close()
@@ -498,8 +508,10 @@ async def test_a_strangers_cancel_notify_cancels_nothing(
             await stranger.close()
         row = await wait_status(conn, db, job_id, "completed", timeout=10)
         await idle(runtime)
+        runs = await fetch_runs(conn, db.schema)
     finally:
         await conn.execute(f"DROP ROLE {role}")
         await conn.close()
     assert row["cancel_requested"] is False
     assert json.loads(row["result"]) == {"attempt": 1}
+    assert [(r.attempt, r.outcome) for r in runs] == [(1, "completed")]
