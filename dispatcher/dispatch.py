@@ -308,6 +308,10 @@ class Dispatcher:
         timeouts = [self._timeouts[i] for i in indexes]
         self._claims += 1
         number = self._claims
+        # The rows' heartbeat_at is the claim statement's now(): no earlier than this.
+        # A reply read late (the process was paused, the network stalled) must not
+        # start attempts the reaper may have rescued meanwhile.
+        start_by = time.monotonic() + self._start_within
         # Bounded, release included: a step-down waits for this under the claim lock.
         async with self._pool.acquire(timeout=self._claim_timeout) as conn:
             if worker:
@@ -327,7 +331,6 @@ class Dispatcher:
                 )
         claimed: Counter[str] = Counter()
         loop = asyncio.get_running_loop()
-        start_by = time.monotonic() + self._start_within
         attempts = [self._attempt(row, start_by) for row in rows]
         self.slots.add(attempts)
         for attempt in attempts:

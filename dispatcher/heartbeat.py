@@ -83,6 +83,7 @@ class JobHeartbeat:
         self._last_contact = time.monotonic()
         self._beat_requested = False
         self._locked_recorded: list[int] = []
+        self._locked_reported: set[int] = set()
         self._unstoppable_reported = False
 
     def progress_changed(self, job: Job) -> None:
@@ -164,8 +165,12 @@ class JobHeartbeat:
                     locked,
                     timeout=self.interval * 2,
                 )
-        if set(locked) - set(self._locked_recorded):
-            self._log.warning("job_rows_locked_by_another_session", job_ids=sorted(locked))
+        # Our own completer holds a row for the moment it writes an outcome: only a
+        # row found locked at two beats in a row is worth a warning.
+        persistent = set(locked) & set(self._locked_recorded)
+        if persistent - self._locked_reported:
+            self._log.warning("job_rows_locked_by_another_session", job_ids=sorted(persistent))
+        self._locked_reported = persistent
         self._locked_recorded = locked
 
     async def flush_progress(self) -> None:

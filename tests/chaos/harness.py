@@ -3,17 +3,24 @@ computed from the database.
 
 It starts a PostgreSQL of its own (faults stop and restart it: never the machine's
 shared server), N ``dispatcher run tests.support.chaos_app:app`` processes, and a
-producer process inserting jobs with plain SQL. Faults, in a cycle: kill -9 of the
-leader, SIGSTOP of the leader for longer than the lease and ``stale_after`` (then
-SIGCONT), SIGTERM of the leader (graceful hand-over), a PostgreSQL restart, and
-``pg_terminate_backend`` of every replica connection. Killed replicas are restarted.
+producer process inserting jobs with plain SQL until the harness closes its stdin.
+Faults, one every ``fault_interval``, in a cycle reshuffled after each round: kill -9 of
+the leader, SIGSTOP of the leader for longer than the lease and ``stale_after`` (then
+SIGCONT), SIGTERM of the leader (graceful hand-over), a PostgreSQL restart,
+``pg_terminate_backend`` of every replica connection, and the faults aimed at particular
+jobs of tests/chaos/faults.py (a row lock held past ``stale_after``, SIGTERM with plain
+def threads outliving the shutdown, SIGTERM with a claim in flight, a stranger's cancel
+NOTIFY). Stopped and killed replicas are restarted. The load stops only once every kind
+of the profile's list was injected (and its ``duration`` has passed): however slow the
+machine, no fault is skipped.
 
 Checks afterwards: every inserted job completed; no two attempts of a job overlap
-(overlaps involving a SIGSTOPped replica are reported apart: the pause outlived
-``stale_after`` so the reaper rightly retried, and only the owning attempt's result
-may be stored); the per-type limit never exceeded; every fault's failover time
-(fault, or the database's return, to the first claim by the new leader); no replica
-crashed unless killed.
+(a run its process did not see end, ends when the process did: the kill -9, or the exit
+the harness waited for; overlaps involving a SIGSTOPped replica are reported apart: the
+pause outlived ``stale_after`` so the reaper rightly retried, and only the owning
+attempt's result may be stored); each type's limit never exceeded; every fault's
+failover time (fault, or the database's return, to the first claim by the new leader);
+no replica crashed unless killed; and each job fault's own check (faults.py).
 
     python -m tests.chaos.harness --profile long --minutes 10    # what `make chaos` runs
 """
@@ -39,24 +46,41 @@ from typing import Any
 
 import asyncpg
 
+from dispatcher.config import load_settings
 from dispatcher.migrate import migrate
+from dispatcher.runtime import EXIT_THREADS_UNSTOPPABLE
+from tests.chaos.faults import JOB_FAULTS, Fault, JobFaults
 from tests.support.chaos_app import ATTEMPTS_LOG
 from tests.support.private_postgres import private_postgres
 from tests.support.processes import ReplicaProcess
 from tests.support.runtimes import fast_env
 
-FAULTS = ("kill9", "sigstop", "sigterm", "restart_postgres", "terminate_connections")
+PROCESS_FAULTS = ("kill9", "sigstop", "sigterm", "restart_postgres", "terminate_connections")
+# The first round's order (later rounds are reshuffled). sigterm_sync's handed-back
+# jobs run for ~16 s on the next leader: the faults right after it do not SIGTERM the
+# leader, so a short run does not spend that time waiting on them.
+FAULTS = (
+    "kill9", "sigstop", "sigterm_sync", "lock_row", "stranger_cancel", "sigterm",
+    "stop_claim_in_flight", "restart_postgres", "terminate_connections",
+)  # fmt: skip
+assert set(FAULTS) == {*PROCESS_FAULTS, *JOB_FAULTS}
 # A graceful shutdown drains for shutdown_timeout (5 s here) and then requeues: well
 # under this, or something hangs.
 SIGTERM_EXIT_WITHIN = 30.0
 SCHEMA = "chaos"
+# A replica cut off from the database with plain def threads running exits 75 once it
+# notices: on SIGCONT, or after 2.25 s of silence with the fast settings. So within
+# this of the end of the SIGSTOP or the outage, or it is a crash.
+CUT_OFF_EXIT_WITHIN = 10.0
 
 
 @dataclass(frozen=True)
 class Profile:
     name: str
     replicas: int
-    duration: float  # seconds of load
+    # Seconds of load at least: faults go on, in rounds, until this has passed and every
+    # kind of ``faults`` was injected, however long that takes.
+    duration: float
     rate: float  # jobs per second, plus bursts
     burst_every: float
     burst_size: int
@@ -66,6 +90,7 @@ class Profile:
     stop_seconds: float  # SIGSTOP length: longer than lease and stale_after
     postgres_down: float
     settings: dict[str, str] = field(default_factory=dict)
+    faults: tuple[str, ...] = FAULTS
 
 
 FAST = fast_env(log_level="info")
@@ -73,11 +98,11 @@ FAST = fast_env(log_level="info")
 SHORT = Profile(
     name="short",
     replicas=3,
-    duration=45,
+    duration=0,  # one round of faults, as long as it takes
     rate=40,
     burst_every=9,
     burst_size=60,
-    fault_interval=7,
+    fault_interval=5,
     type_limit=10,
     global_limit=100,
     stop_seconds=4.5,
@@ -88,17 +113,6 @@ LONG = replace(
     SHORT, name="long", replicas=5, duration=600, rate=85, burst_every=20, burst_size=300,
     fault_interval=12, type_limit=25,
 )  # fmt: skip
-
-
-@dataclass
-class Fault:
-    kind: str
-    at: float  # wall clock (shared with the replicas and the database)
-    target: str | None = None
-    target_pid: int | None = None
-    old_term: int | None = None
-    resumed_at: float | None = None  # SIGCONT, or the database back
-    failover: float | None = None
 
 
 @dataclass
@@ -118,6 +132,8 @@ class Report:
     max_concurrency: int
     type_limit: int
     crashed: list[str]
+    cut_off_exits: list[str]
+    job_fault_rows: list[tuple[str, str]]
     problems: list[str]
 
     @property
@@ -148,6 +164,8 @@ class Report:
             ("overlapping attempts after SIGSTOP > stale_after", f"{self.sigstop_overlaps}"),
             ("max concurrency seen / type limit", f"{self.max_concurrency} / {self.type_limit}"),
             ("replicas crashed (not killed by us)", f"{len(self.crashed)}"),
+            ("replicas that exited 75, cut off with threads running", f"{len(self.cut_off_exits)}"),
+            *self.job_fault_rows,
         ]
         for kind in FAULTS:
             values = self.failover_by_kind().get(kind)
@@ -176,13 +194,21 @@ class ChaosRun:
         self.rng = random.Random(seed)
         self.replicas: dict[str, ReplicaProcess] = {}
         self.retired: list[ReplicaProcess] = []  # stopped or killed incarnations
-        self.killed_pids: dict[int, float] = {}  # pid -> time of kill -9
+        # pid -> when the process ended as the harness saw it (the kill -9, right after
+        # waiting for its exit, or when _watch_exits saw it gone): the end of its runs
+        # that recorded none
+        self.exited: dict[int, float] = {}
+        self.killed: set[int] = set()  # pids of kill -9: their exit is no crash
+        self.exited_alone: set[int] = set()  # pids that exited with no signal from us
         # pid -> every (SIGSTOP, SIGCONT) it went through (one process can be the leader,
         # and be stopped, more than once)
         self.stopped: dict[int, list[tuple[float, float]]] = defaultdict(list)
         self.faults: list[Fault] = []
         self.hung: list[str] = []
         self.dsn = ""
+        self.producer: subprocess.Popen[str] | None = None
+        settings, _ = load_settings(env=profile.settings)
+        self.job_faults = JobFaults(self, SCHEMA, settings)
 
     def say(self, line: str) -> None:
         print(f"[chaos {time.strftime('%H:%M:%S')}] {line}", flush=True)
@@ -212,6 +238,45 @@ class ChaosRun:
     def retire(self, replica: ReplicaProcess) -> None:
         self.retired.append(replica)
 
+    async def stop_and_restart(self, replica: ReplicaProcess, fault: Fault) -> None:
+        """SIGTERM ``replica`` (``fault.at``), wait for its exit (``fault.exited_at``,
+        ``fault.exit_code``; killed if it ignores SIGTERM), start it again, healthy."""
+        fault.at = replica.signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(replica.process.wait, SIGTERM_EXIT_WITHIN)
+        except subprocess.TimeoutExpired:
+            self.hung.append(f"{replica.name} (pid {replica.pid}) ignored SIGTERM for "
+                             f"{SIGTERM_EXIT_WITHIN:.0f}s; killed")  # fmt: skip
+            replica.process.kill()
+            await asyncio.to_thread(replica.process.wait, 10)
+        # Taken right after the wait returns: at most a thread wake-up after the exit.
+        # A replica that hands back the jobs of threads still running makes them due
+        # 1 s later, then exits: their next runs start after this.
+        fault.exited_at = self.exited.setdefault(replica.pid, time.time())
+        fault.exit_code = replica.process.returncode
+        self.retire(replica)  # a non-zero exit shows up as a crash in the checks
+        await asyncio.to_thread(self.start_replica(replica.name).wait_healthy)
+
+    async def _watch_exits(self) -> None:
+        """Note when each replica process ends, whoever ends it: a replica may also exit
+        on its own (the runtime exits 75 when cut off from the database with plain def
+        threads still running), and its runs that recorded no end ended then."""
+        while True:
+            for replica in list(self.replicas.values()):
+                if replica.pid not in self.exited and not replica.alive:
+                    self.exited[replica.pid] = time.time()
+            await asyncio.sleep(0.02)
+
+    async def _restart_exited(self) -> None:
+        """Restart replicas that exited on their own (judged in the checks)."""
+        for name, replica in list(self.replicas.items()):
+            if not replica.alive:
+                code = replica.process.returncode
+                self.say(f"{name} (pid {replica.pid}) exited {code} on its own; restarting")
+                self.exited_alone.add(replica.pid)
+                self.retire(replica)
+                await asyncio.to_thread(self.start_replica(name).wait_healthy)
+
     async def leader(self) -> tuple[ReplicaProcess, int] | None:
         """The replica process holding a current lease, and its term."""
         try:
@@ -239,36 +304,45 @@ class ChaosRun:
             if found is not None:
                 return found
             await asyncio.sleep(0.05)
-        raise RuntimeError("no leader")
+        raise RuntimeError(f"no leader within {timeout:.0f}s")
 
     # --- faults ---------------------------------------------------------------------------
 
-    async def inject(self, kind: str, server: Any) -> Fault:
-        found = await self.wait_leader()
-        leader, term = found
+    async def inject(self, kind: str, server: Any) -> None:
+        if kind in JOB_FAULTS:
+            faults = await self.job_faults.inject(kind)
+        else:
+            faults = [await self._inject_process_fault(kind, server)]
+        self.faults.extend(faults)
+        for fault in faults:
+            line = f"fault {kind}"
+            if fault.target is not None:
+                line += f" on {fault.target} (pid {fault.target_pid})"
+            if fault.old_term is not None:
+                line += f", leader's term {fault.old_term}"
+            if fault.exited_at is not None:
+                line += f", exited {fault.exit_code} after {fault.exited_at - fault.at:.1f} s"
+            if fault.job_ids:
+                line += f", {len(fault.job_ids)} jobs at risk"
+            self.say(line)
+
+    async def _inject_process_fault(self, kind: str, server: Any) -> Fault:
+        leader, term = await self.wait_leader()
         fault = Fault(kind, time.time(), leader.name, leader.pid, term)
         if kind == "kill9":
             fault.at = leader.signal(signal.SIGKILL)
-            self.killed_pids[leader.pid] = fault.at
-            leader.process.wait(10)
+            self.exited[leader.pid] = fault.at
+            self.killed.add(leader.pid)
+            await asyncio.to_thread(leader.process.wait, 10)
             self.retire(leader)
-            self.start_replica(leader.name).wait_healthy()
+            await asyncio.to_thread(self.start_replica(leader.name).wait_healthy)
         elif kind == "sigstop":
             fault.at = leader.signal(signal.SIGSTOP)
             await asyncio.sleep(self.profile.stop_seconds)
             fault.resumed_at = leader.signal(signal.SIGCONT)
             self.stopped[leader.pid].append((fault.at, fault.resumed_at))
         elif kind == "sigterm":
-            fault.at = leader.signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(leader.process.wait, SIGTERM_EXIT_WITHIN)
-            except subprocess.TimeoutExpired:
-                self.hung.append(f"{leader.name} (pid {leader.pid}) ignored SIGTERM for "
-                                 f"{SIGTERM_EXIT_WITHIN:.0f}s; killed")  # fmt: skip
-                leader.process.kill()
-                leader.process.wait(10)
-            self.retire(leader)  # a non-zero exit shows up as a crash in the checks
-            self.start_replica(leader.name).wait_healthy()
+            await self.stop_and_restart(leader, fault)
         elif kind == "restart_postgres":
             fault.target = fault.target_pid = None
             await asyncio.to_thread(server.stop, "fast")
@@ -285,9 +359,26 @@ class ChaosRun:
                 )
             finally:
                 await conn.close()
-        self.faults.append(fault)
-        self.say(f"fault {kind} (leader was {leader.name}, term {term})")
+        else:
+            raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULTS)}")
         return fault
+
+    async def _inject_faults(self, server: Any) -> None:
+        """One fault every ``fault_interval``, in rounds (the profile's order, then
+        reshuffled), until every kind was injected and ``duration`` has passed; then one
+        more interval of load, so the cluster takes load after the last fault too."""
+        p = self.profile
+        started = time.monotonic()
+        cycle = list(p.faults)
+        index = 0
+        while index < len(cycle) or time.monotonic() - started + p.fault_interval < p.duration:
+            await asyncio.sleep(p.fault_interval)
+            await self._restart_exited()
+            await self.inject(cycle[index % len(cycle)], server)
+            index += 1
+            if index % len(cycle) == 0:
+                self.rng.shuffle(cycle)
+        await asyncio.sleep(p.fault_interval)
 
     # --- the run --------------------------------------------------------------------------------
 
@@ -300,6 +391,9 @@ class ChaosRun:
                 if replica.alive:
                     replica.process.kill()
                     replica.process.wait(10)
+            if self.producer is not None and self.producer.poll() is None:
+                self.producer.kill()
+                self.producer.wait(10)
 
     async def _run(self) -> Report:
         p = self.profile
@@ -309,41 +403,52 @@ class ChaosRun:
             try:
                 await migrate(conn, SCHEMA)
                 await conn.execute(ATTEMPTS_LOG.format(schema=f'"{SCHEMA}"'))
+                await self.job_faults.prepare(conn)
             finally:
                 await conn.close()
             for i in range(p.replicas):
                 self.start_replica(f"r{i}")
             for replica in self.replicas.values():
                 await asyncio.to_thread(replica.wait_healthy)
-            await self.wait_leader()
-            producer = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited on
-                [sys.executable, "-m", "tests.support.chaos_producer", self.dsn, SCHEMA,
-                 "--rate", str(p.rate), "--duration", str(p.duration),
-                 "--burst-every", str(p.burst_every), "--burst-size", str(p.burst_size)],
-                stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            started = time.monotonic()
-            self.say(f"profile {p.name}: {p.replicas} replicas, {p.duration:.0f} s of load")
-            cycle = list(FAULTS)
-            index = 0
-            while time.monotonic() - started < p.duration - p.fault_interval / 2:
-                await asyncio.sleep(p.fault_interval)
-                if time.monotonic() - started >= p.duration:
-                    break
-                await self.inject(cycle[index % len(cycle)], server)
-                index += 1
-                if index % len(cycle) == 0:
-                    self.rng.shuffle(cycle)
-            out, _ = await asyncio.to_thread(producer.communicate, None, p.duration + 60)
-            produced = json.loads(out.strip().splitlines()[-1])
-            self.say(f"load done: {produced['acknowledged']} jobs acknowledged; draining")
-            await self._drain(timeout=120)
-            for replica in list(self.replicas.values()):
-                code = replica.stop(timeout=SIGTERM_EXIT_WITHIN)
-                if code not in (0, None) and replica.process.returncode == -signal.SIGKILL:
-                    self.hung.append(f"{replica.name} (pid {replica.pid}) ignored SIGTERM")
-                self.retire(replica)
-            return await self._check(produced, time.monotonic() - started)
+            watch_exits = asyncio.create_task(self._watch_exits())
+            try:
+                return await self._load_and_check(server)
+            finally:
+                watch_exits.cancel()
+
+    async def _load_and_check(self, server: Any) -> Report:
+        p = self.profile
+        await self.wait_leader()
+        # It produces until its stdin closes (below): the harness decides.
+        self.producer = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited on
+            [sys.executable, "-m", "tests.support.chaos_producer", self.dsn, SCHEMA,
+             "--rate", str(p.rate),
+             "--burst-every", str(p.burst_every), "--burst-size", str(p.burst_size)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        started = time.monotonic()
+        self.say(
+            f"profile {p.name}: {p.replicas} replicas, faults {', '.join(p.faults)}, "
+            f"at least {p.duration:.0f} s of load"
+        )
+        await self._inject_faults(server)
+        # communicate() closes the producer's stdin: its signal to stop and report.
+        out, _ = await asyncio.to_thread(self.producer.communicate, None, 60)
+        produced = json.loads(out.strip().splitlines()[-1])
+        self.say(
+            f"load done after {time.monotonic() - started:.0f} s: "
+            f"{produced['acknowledged']} jobs acknowledged; draining"
+        )
+        await self._drain(timeout=120)
+        for replica in list(self.replicas.values()):
+            if not replica.alive:
+                self.exited_alone.add(replica.pid)
+            code = replica.stop(timeout=SIGTERM_EXIT_WITHIN)
+            self.exited.setdefault(replica.pid, time.time())
+            if code not in (0, None) and replica.process.returncode == -signal.SIGKILL:
+                self.hung.append(f"{replica.name} (pid {replica.pid}) ignored SIGTERM")
+            self.retire(replica)
+        return await self._check(produced, time.monotonic() - started)
 
     async def _drain(self, timeout: float) -> None:
         conn = await asyncpg.connect(self.dsn)
@@ -357,11 +462,12 @@ class ChaosRun:
                 unended = await conn.fetchval(
                     f'SELECT count(*) FROM "{SCHEMA}".attempts_log WHERE ended_at IS NULL '
                     "AND pid <> ALL($1::int[])",
-                    list(self.killed_pids),
+                    list(self.exited),
                 )
                 if left == 0 and unended == 0:
                     return
                 await asyncio.sleep(0.2)
+            self.say(f"drain timed out after {timeout:.0f} s: {left} jobs left, {unended} runs")
         finally:
             await conn.close()
 
@@ -374,19 +480,23 @@ class ChaosRun:
                 f'SELECT id, status, attempts, result, term, started_at FROM "{SCHEMA}".jobs'
             )
             log = await conn.fetch(
-                f"SELECT job_id, attempt, replica, pid, started_at, ended_at, outcome "
-                f'FROM "{SCHEMA}".attempts_log'
+                "SELECT l.job_id, l.attempt, l.replica, l.pid, l.started_at, l.ended_at, "
+                f'l.outcome, j.type FROM "{SCHEMA}".attempts_log l '
+                f'LEFT JOIN "{SCHEMA}".jobs j ON j.id = l.job_id'
             )
             for fault in self.faults:
                 since = fault.resumed_at if fault.kind == "restart_postgres" else fault.at
+                if fault.old_term is None or since is None:
+                    continue  # not aimed at the leader: no failover to measure
                 first = await conn.fetchval(
                     f'SELECT extract(epoch FROM min(started_at)) FROM "{SCHEMA}".jobs '
                     "WHERE term > $1 AND started_at > to_timestamp($2)",
                     fault.old_term,
                     since,
                 )
-                if first is not None and since is not None:
+                if first is not None:
                     fault.failover = max(0.0, float(first) - since)
+            job_fault_problems, job_fault_rows = await self.job_faults.check(conn, self.faults)
         finally:
             await conn.close()
 
@@ -398,6 +508,12 @@ class ChaosRun:
         if len(jobs) < produced["acknowledged"]:
             problems.append(f"{produced['acknowledged'] - len(jobs)} acknowledged jobs missing")
 
+        no_end = [r for r in log if r["ended_at"] is None and r["pid"] not in self.exited]
+        if no_end:
+            problems.append(
+                f"{len(no_end)} runs recorded no end and their process's end is unknown "
+                f"(e.g. job {no_end[0]['job_id']} on pid {no_end[0]['pid']})"
+            )
         intervals = self._intervals(log)
         examples: list[str] = []
         overlaps, sigstop_overlaps = self._overlaps(intervals, examples)
@@ -408,17 +524,17 @@ class ChaosRun:
         extra = self._extra_results(jobs, log)
         if extra:
             problems.append(f"{extra} jobs whose stored result is not their owning attempt's")
-        peak = self._max_concurrency(intervals)
-        if peak > self.profile.type_limit:
-            problems.append(f"concurrency {peak} exceeded the type limit {self.profile.type_limit}")
-        crashed = [
-            f"{r.name} (pid {r.pid}) exited {r.process.returncode}"
-            for r in self.retired
-            if r.pid not in self.killed_pids and r.process.returncode not in (0, None)
-        ]
+        peaks = self._max_concurrency(intervals)
+        for type_, peak in sorted(peaks.items()):
+            if peak > self.profile.type_limit:
+                problems.append(
+                    f"{type_}: concurrency {peak} exceeded the type limit {self.profile.type_limit}"
+                )
+        crashed, cut_off_exits = self._unexpected_exits()
         if crashed:
             problems.append(f"replicas crashed: {crashed}")
         problems.extend(self.hung)
+        problems.extend(job_fault_problems)
         return Report(
             profile=self.profile.name,
             duration=duration,
@@ -432,31 +548,63 @@ class ChaosRun:
             overlaps=overlaps,
             sigstop_overlaps=sigstop_overlaps,
             foreign_results=extra,
-            max_concurrency=peak,
+            max_concurrency=max(peaks.values(), default=0),
             type_limit=self.profile.type_limit,
             crashed=crashed,
+            cut_off_exits=cut_off_exits,
+            job_fault_rows=job_fault_rows,
             problems=problems,
         )
 
+    def _unexpected_exits(self) -> tuple[list[str], list[str]]:
+        """Replicas that exited non-zero though not killed: crashes, and the deliberate
+        exits 75 of replicas that a fault cut off from the database (a SIGSTOP, a
+        PostgreSQL restart) while their plain def threads ran: a replica cannot stop
+        those threads, so it exits as soon as it finds itself cut off."""
+        stopped_by = {f.target_pid: f.kind for f in self.faults if f.exited_at is not None}
+        outages = [
+            (f.at, f.resumed_at or f.at) for f in self.faults if f.kind == "restart_postgres"
+        ]
+        crashed: list[str] = []
+        cut_off: list[str] = []
+        for r in self.retired:
+            code = r.process.returncode
+            if r.pid in self.killed or code in (0, None):
+                continue
+            how = f"stopped by {stopped_by.get(r.pid, 'the end of the run')}"
+            was_cut_off = False
+            if r.pid in self.exited_alone:
+                how = "on its own"
+                end = self.exited.get(r.pid, time.time())
+                was_cut_off = any(
+                    start <= end <= resumed + CUT_OFF_EXIT_WITHIN
+                    for start, resumed in [*self.stopped.get(r.pid, []), *outages]
+                )
+            line = f"{r.name} (pid {r.pid}, {how}) exited {code}"
+            (cut_off if was_cut_off and code == EXIT_THREADS_UNSTOPPABLE else crashed).append(line)
+        return crashed, cut_off
+
     def _save_timeline(self) -> None:
-        """Faults, kills and pauses, for a post-mortem next to the logs."""
+        """Faults, exits, kills and pauses, for a post-mortem next to the logs."""
         timeline = {
             "faults": [vars(f) for f in self.faults],
-            "killed": self.killed_pids,
+            "exited": self.exited,
+            "killed": sorted(self.killed),
+            "exited_alone": sorted(self.exited_alone),
             "stopped": self.stopped,
             "hung": self.hung,
         }
         (self.workdir / "timeline.json").write_text(json.dumps(timeline, indent=1, default=str))
 
     def _intervals(self, log: list[asyncpg.Record]) -> list[dict[str, Any]]:
-        """Each attempt as [start, end] with its end known: recorded, or the kill."""
+        """Each run as [start, end]: its recorded end, or else its process's end."""
         out = []
         for row in log:
             end = row["ended_at"]
             if end is None:
-                end = self.killed_pids.get(row["pid"])
+                end = self.exited.get(row["pid"])
             if end is None:
-                continue  # a kill before the end was written: covered by killed_pids
+                continue  # reported as a problem of its own
             # The first SIGSTOP that caught this attempt running, if any.
             stop = next(
                 (w for w in self.stopped.get(row["pid"], []) if row["started_at"] < w[0] < end),
@@ -500,20 +648,24 @@ class ChaosRun:
         return bad
 
     @staticmethod
-    def _max_concurrency(intervals: list[dict[str, Any]]) -> int:
-        """Peak of attempts running at once. A SIGSTOPped replica runs nothing while
-        stopped and its jobs are rescued meanwhile: its attempts count until the stop."""
-        events = []
+    def _max_concurrency(intervals: list[dict[str, Any]]) -> dict[str, int]:
+        """Per type, the peak of attempts running at once. A SIGSTOPped replica runs
+        nothing while stopped and its jobs are rescued meanwhile: its attempts count
+        until the stop."""
+        events: dict[str, list[tuple[float, int]]] = defaultdict(list)
         for item in intervals:
             end = item["stop"][0] if item["paused"] else item["end"]
-            events.append((item["started_at"], 1))
-            events.append((end, -1))
-        events.sort()
-        running = peak = 0
-        for _, delta in events:
-            running += delta
-            peak = max(peak, running)
-        return peak
+            events[item["type"]].append((item["started_at"], 1))
+            events[item["type"]].append((end, -1))
+        peaks = {}
+        for type_, type_events in events.items():
+            type_events.sort()
+            running = peak = 0
+            for _, delta in type_events:
+                running += delta
+                peak = max(peak, running)
+            peaks[type_] = peak
+        return peaks
 
 
 def run_profile(profile: Profile, workdir: Path | None = None) -> Report:
@@ -527,8 +679,13 @@ def run_profile(profile: Profile, workdir: Path | None = None) -> Report:
 def main() -> int:
     parser = argparse.ArgumentParser(description="dispatcher chaos run")
     parser.add_argument("--profile", choices=["short", "long"], default="long")
-    parser.add_argument("--minutes", type=float, help="load duration (default: the profile's)")
+    parser.add_argument(
+        "--minutes", type=float, help="load duration at least (default: the profile's)"
+    )
     parser.add_argument("--replicas", type=int)
+    parser.add_argument(
+        "--faults", help=f"comma-separated kinds, in order (default: all of {','.join(FAULTS)})"
+    )
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
     profile = SHORT if args.profile == "short" else LONG
@@ -536,6 +693,11 @@ def main() -> int:
         profile = replace(profile, duration=args.minutes * 60)
     if args.replicas:
         profile = replace(profile, replicas=args.replicas)
+    if args.faults:
+        kinds = tuple(args.faults.split(","))
+        if unknown := set(kinds) - set(FAULTS):
+            parser.error(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULTS)}")
+        profile = replace(profile, faults=kinds)
     report = run_profile(profile, args.workdir)
     print(report.table())
     return 0 if report.ok else 1

@@ -404,6 +404,40 @@ async def test_a_claim_whose_reply_is_lost_is_handed_back_at_once(
     no_overlaps(runs)
 
 
+async def test_a_claim_reply_read_after_the_rows_were_rescued_starts_nothing(
+    db: TestDatabase, proxy: TcpProxy, log: AttemptLog
+) -> None:
+    # The claim committed, then its reply was held up (a paused process, a stalled
+    # network) until the reaper had rescued its rows as stale. Starting them when the
+    # reply finally arrives would run each job twice: now, and as its retry.
+    runtime = await start_behind_proxy(db, proxy, guarantee_app(log))
+    conn = await db.connect()
+    try:
+        (warm_up,) = await insert(conn, db, "g.work_once", [{"seconds": 0}])
+        await wait_status(conn, db, warm_up, "completed")
+        proxy.hold_replies(to=CLAIM_STATEMENT)
+        ids = await insert(conn, db, "g.work", [{"seconds": 0.2}] * 5)
+
+        async def rescued() -> bool:
+            n = await conn.fetchval(
+                f"SELECT count(*) FROM {db.jobs} WHERE id = ANY($1) AND status = 'pending' "
+                "AND errors <> '[]'",
+                ids,
+            )
+            return n == len(ids)
+
+        await eventually(rescued, timeout=STALE_AFTER + 10, what="the reaper to rescue them")
+        proxy.release_replies()
+        await wait_until_all_ended(conn, db, timeout=20)
+        await idle(runtime)
+        runs = await fetch_runs(conn, db.schema)
+    finally:
+        await conn.close()
+        await runtime.stop()
+    assert sorted(r.job_id for r in runs if r.job_id in ids) == sorted(ids), "each ran once"
+    assert {r.attempt for r in runs if r.job_id in ids} == {2}
+
+
 async def test_worker_mode_stop_with_a_claim_reply_in_flight_starts_its_rows(
     db: TestDatabase, proxy: TcpProxy, log: AttemptLog
 ) -> None:
