@@ -69,6 +69,12 @@ class Database:
 
 
 @contextlib.contextmanager
+def database_beside(db: Database, suffix: str = "_full") -> Iterator[Database]:
+    """A second schema on the same server (a baseline beside the measured one)."""
+    yield Database(db.dsn, db.schema + suffix)
+
+
+@contextlib.contextmanager
 def database() -> Iterator[Database]:
     """The benchmark database: DISPATCHER_BENCH_DSN, or a private embedded server."""
     schema = f"bench_{uuid.uuid4().hex[:8]}"

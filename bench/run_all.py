@@ -19,6 +19,7 @@ BENCHMARKS = {
     "failover": [],
     "table_growth": [],
     "memory": [],
+    "heartbeat_hot": [],
 }
 LONG = {"burndown": ["--jobs", "200000"], "raw_sql": ["--jobs", "200000"]}
 

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import statistics
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 
 from bench.burndown import CONCURRENCY, burn_down
-from bench.common import Database, Result, database, percentile
+from bench.common import Database, Result, database, database_beside, percentile
 from bench.raw_sql import COMPLETE
 from dispatcher.app import App
 from dispatcher.queries import queries_for
@@ -148,12 +146,6 @@ async def main_async(args: argparse.Namespace) -> Result:
         )
         await empty.drop()
     return result
-
-
-@contextlib.contextmanager
-def database_beside(db: Database) -> Iterator[Database]:
-    """A second schema on the same server."""
-    yield Database(db.dsn, db.schema + "_full")
 
 
 async def forget_burned(db: Database) -> None:

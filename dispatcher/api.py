@@ -20,6 +20,7 @@ from typing import Annotated, Any, Protocol
 
 import asyncpg
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Security
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -37,10 +38,11 @@ from dispatcher.errors import (
     QueueFull,
     SchemaNotReady,
 )
-from dispatcher.jobs import MAX_TYPE_LENGTH, JobRecord, JobStatus
+from dispatcher.jobs import MAX_ATTEMPTS, MAX_TYPE_LENGTH, JobRecord, JobStatus
 from dispatcher.metrics import Metrics
 from dispatcher.migrate import check_schema_current
 from dispatcher.producer import MAX_PAGE
+from dispatcher.queries import queries_for
 
 BIGINT_MAX = 2**63 - 1
 # Room for the envelope (type, options) around a payload of the maximum size.
@@ -74,6 +76,10 @@ class ReplicaView(Protocol):
 
     def running_by_type(self) -> dict[str, int]: ...
 
+    def claiming_problem(self) -> str | None:
+        """Why this replica's claim loop cannot start, while it cannot (else None)."""
+        ...
+
     def limits(self) -> dict[str, Any]: ...
 
     def status_extras(self) -> dict[str, Any]: ...
@@ -94,7 +100,7 @@ class EnqueueRequest(BaseModel):
     delay: StrictNumber | None = Field(
         None, ge=0, le=10 * 365 * 86400, description="seconds from now (database clock)"
     )
-    max_attempts: StrictInt | None = Field(None, ge=1, le=2**31 - 1)
+    max_attempts: StrictInt | None = Field(None, ge=1, le=MAX_ATTEMPTS)
     timeout: StrictNumber | None = Field(None, gt=0, le=365 * 86400, description="seconds")
     unique_key: str | None = Field(None, min_length=1, max_length=1000)
     cache_ttl: StrictNumber | None = Field(
@@ -216,6 +222,13 @@ def build_api(replica: ReplicaView, *, insecure_no_auth: bool = False) -> FastAP
             return _unavailable(exc)
         return JSONResponse({"detail": f"the database refused it: {describe(exc)}"}, 422)
 
+    @api.exception_handler(UnicodeEncodeError)
+    async def not_unicode(_request: Request, exc: UnicodeEncodeError) -> JSONResponse:
+        # JSON may spell a lone surrogate ("\ud800"); no text encoding can carry it.
+        bad = exc.object[exc.start : exc.end]
+        detail = f"the request contains a lone surrogate ({bad!r}), which is not valid Unicode"
+        return JSONResponse({"detail": detail}, 422)
+
     for error_type in CONNECTION_ERRORS:
 
         @api.exception_handler(error_type)
@@ -231,24 +244,42 @@ def build_api(replica: ReplicaView, *, insecure_no_auth: bool = False) -> FastAP
 
     @api.get("/readyz", tags=["probes"], responses={503: {"model": Problem}})
     async def readyz() -> JSONResponse:
-        """Readiness: the database answers and the schema is current (and the replica
-        is not shutting down)."""
+        """Readiness: the database answers, the schema is current, this replica's role
+        has every privilege the runtime needs, and its claim loop (if it claims) could
+        start; and the replica is not shutting down."""
         if replica.stopping:
             return JSONResponse({"status": "unavailable", "detail": "shutting down"}, 503)
         try:
             async with replica.pool.acquire(timeout=2) as conn:
                 await check_schema_current(conn, settings.schema)
+                missing = await conn.fetch(
+                    queries_for(settings.schema)["missing_runtime_privileges"], settings.schema
+                )
         except SchemaNotReady as exc:
             return JSONResponse({"status": "unavailable", "detail": str(exc)}, 503)
         except Exception as exc:
             detail = f"database unreachable: {describe(exc)}"
             return JSONResponse({"status": "unavailable", "detail": detail}, 503)
+        if missing:
+            lacks = ", ".join(row["missing"] for row in missing)
+            detail = f"this replica's role lacks {lacks} (see `dispatcher roles`)"
+            return JSONResponse({"status": "unavailable", "detail": detail}, 503)
+        problem = replica.claiming_problem()
+        if problem is not None:
+            return JSONResponse({"status": "unavailable", "detail": problem}, 503)
         return JSONResponse({"status": "ready"})
 
     @api.get("/metrics", tags=["probes"], response_class=Response)
     async def metrics() -> Response:
         """Prometheus metrics of this replica."""
-        return Response(generate_latest(replica.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # Rendered in a worker thread: rendering never yields, and on the event loop it
+        # held up lease renewals and heartbeats for as long as it took (seconds, for a
+        # page of 50,000 job types before the type label was bounded). In a thread the
+        # loop gets the GIL back every switch interval (5 ms). prometheus_client's
+        # metrics are thread-safe. anyio's worker pool, not the loop's default executor,
+        # where asyncpg resolves host names when it connects.
+        page = await run_in_threadpool(generate_latest, replica.metrics.registry)
+        return Response(page, media_type=CONTENT_TYPE_LATEST)
 
     # --- guarded routes ------------------------------------------------------------------
 
@@ -269,6 +300,9 @@ def build_api(replica: ReplicaView, *, insecure_no_auth: bool = False) -> FastAP
             "term": replica.term,
             "version": replica.version,
             "uptime_seconds": round(time.monotonic() - replica.started_at, 1),
+            # false: poll-only (DISPATCHER_LISTEN), wake-ups wait for the poll tick.
+            "listen": settings.listen,
+            "prepared_statements": settings.prepared_statements,
             "leader": None
             if leader is None
             else {

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dispatcher.errors import DispatcherError
-from dispatcher.jobs import MAX_TYPE_LENGTH
+from dispatcher.jobs import MAX_ATTEMPTS, MAX_TYPE_LENGTH
 from dispatcher.retry import RetryPolicy
 
 ExecutorFunction = Callable[..., Any]
@@ -77,6 +77,8 @@ def _check_positive(name: str, value: Any, *, integer: bool, what: str) -> None:
     if not ok:
         kind = "a positive integer" if integer else "a positive number of seconds"
         raise DispatcherError(f"{what}: {name} must be {kind}, got {value!r}")
+    if name == "max_attempts" and value > MAX_ATTEMPTS:
+        raise DispatcherError(f"{what}: max_attempts must be at most {MAX_ATTEMPTS}, got {value}")
 
 
 class App:

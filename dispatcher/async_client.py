@@ -57,10 +57,24 @@ class AsyncClient:
 
     @classmethod
     async def connect(
-        cls, dsn: str, *, schema: str = DEFAULT_SCHEMA, min_size: int = 1, max_size: int = 4
+        cls,
+        dsn: str,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        min_size: int = 1,
+        max_size: int = 4,
+        prepared_statements: bool = True,
     ) -> AsyncClient:
-        """Open a pool on ``dsn`` and return a client that closes it on ``close()``."""
-        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+        """Open a pool on ``dsn`` and return a client that closes it on ``close()``.
+
+        ``prepared_statements=False`` for a ``dsn`` that goes through PgBouncer in
+        transaction mode: no statement cache, so asyncpg (0.29+) uses the unnamed
+        statement and sends its Parse again with Bind and Execute, which one server
+        connection then runs whole (see ``dispatcher.runtime``). Around a ``pool`` of
+        your own, create that pool with ``statement_cache_size=0``.
+        """
+        options: dict[str, Any] = {} if prepared_statements else {"statement_cache_size": 0}
+        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, **options)
         client = cls(pool=pool, schema=schema)
         client._owns_pool = True
         return client

@@ -7,6 +7,7 @@
     dispatcher pause|resume TYPE, dispatcher types
     dispatcher status
     dispatcher config
+    dispatcher roles [--runtime NAME] [--producer NAME] [--readonly NAME]
     dispatcher embedded status|stop
     dispatcher dev [--replicas N]          (what `make run` runs)
 
@@ -44,9 +45,10 @@ from dispatcher.errors import (
 )
 from dispatcher.jobs import JobRecord, JobStatus
 from dispatcher.log import configure_logging
-from dispatcher.migrate import migrate
+from dispatcher.migrate import migrate, migrate_at
 from dispatcher.producer import ClusterStatus
 from dispatcher.replicas import incarnation_id
+from dispatcher.roles import RoleNames, roles_sql
 from dispatcher.runtime import Runtime
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -110,16 +112,11 @@ def _when(value: dt.datetime | None) -> str:
 
 
 def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
-    dsn = resolve_dsn(settings, _stderr, auto_migrate=False)
-
-    async def apply() -> list[Any]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await migrate(conn, settings.schema, report=print)
-        finally:
-            await conn.close()
-
-    if not asyncio.run(apply()):
+    # The migration lock needs a session: the election DSN bypasses a transaction pooler.
+    dsn = (settings.dsn and settings.election_dsn) or resolve_dsn(
+        settings, _stderr, auto_migrate=False
+    )
+    if not asyncio.run(migrate_at(dsn, settings.schema, report=print)):
         print(f"schema {settings.schema!r} is up to date")
     return EXIT_OK
 
@@ -147,7 +144,14 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 def _client(settings: Settings) -> Client:
     dsn = resolve_dsn(settings, _stderr)
-    return Client(dsn, schema=settings.schema, min_size=1, max_size=1, timeout=10)
+    return Client(
+        dsn,
+        schema=settings.schema,
+        min_size=1,
+        max_size=1,
+        timeout=10,
+        prepared_statements=settings.prepared_statements,
+    )
 
 
 def _show_job(job: JobRecord, as_json: bool) -> None:
@@ -326,6 +330,12 @@ def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_roles(settings: Settings, args: argparse.Namespace) -> int:
+    names = RoleNames(runtime=args.runtime, producer=args.producer, readonly=args.readonly)
+    print(roles_sql(settings.schema, names), end="")
+    return EXIT_OK
+
+
 def cmd_embedded(settings: Settings, args: argparse.Namespace) -> int:
     from dispatcher.embedded import EmbeddedPostgres
 
@@ -439,6 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("status", parents=[as_json], help="leader, replicas and queues")
     commands.add_parser("config", parents=[as_json], help="effective settings, secrets masked")
 
+    roles = commands.add_parser(
+        "roles",
+        help="print the SQL that creates least-privilege roles for the schema (run it with "
+        "psql after `dispatcher migrate`)",
+    )
+    defaults = RoleNames()
+    roles.add_argument("--runtime", default=defaults.runtime, help="the replicas' role")
+    roles.add_argument("--producer", default=defaults.producer, help="your services' role")
+    roles.add_argument("--readonly", default=defaults.readonly, help="a read-only role")
+
     embedded = commands.add_parser("embedded", help="the embedded PostgreSQL")
     embedded.add_argument("embedded_command", choices=["status", "stop"])
 
@@ -458,6 +478,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "resume": cmd_types,
     "types": cmd_types,
     "config": cmd_config,
+    "roles": cmd_roles,
     "embedded": cmd_embedded,
     "dev": cmd_dev,
 }

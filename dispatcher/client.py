@@ -53,6 +53,11 @@ class Client:
     to wait for one before PoolTimeout); alternatively pass
     an existing ``pool`` (the client then does not close it). ``schema`` names the
     dispatcher installation (default ``dispatcher``).
+
+    ``prepared_statements=False`` for a ``dsn`` that goes through PgBouncer in
+    transaction mode (before 1.21 it cannot carry a named prepared statement from one
+    transaction to the next): the client's statements are never prepared, on its own
+    pool (``prepare_threshold=None``) and on a ``pool`` or ``conn`` you pass.
     """
 
     def __init__(
@@ -64,17 +69,23 @@ class Client:
         min_size: int = 1,
         max_size: int = 4,
         timeout: float = 30.0,
+        prepared_statements: bool = True,
     ) -> None:
         if (dsn is None) == (pool is None):
             raise ValueError("Client needs exactly one of dsn= or pool=")
         self.schema = validate_schema_name(schema)
         self._queries = queries_for(schema)
         self._owns_pool = pool is None
+        # None: psycopg decides (prepares a statement after a few runs); False: never.
+        self._prepare: bool | None = None if prepared_statements else False
+        connect_options: dict[str, Any] = {"autocommit": True}
+        if not prepared_statements:
+            connect_options["prepare_threshold"] = None
         self._pool = pool or ConnectionPool(
             dsn or "",
             min_size=min_size,
             max_size=max_size,
-            kwargs={"autocommit": True},
+            kwargs=connect_options,
             timeout=timeout,
             open=True,
             name="dispatcher-client",
@@ -118,7 +129,11 @@ class Client:
                     copy.write_row(row)
             return []
         with conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(for_psycopg(self._queries[step.query]), psycopg_params(step.args))
+            cur.execute(
+                for_psycopg(self._queries[step.query]),
+                psycopg_params(step.args),
+                prepare=self._prepare,
+            )
             return cur.fetchall()
 
     def enqueue(

@@ -27,7 +27,7 @@ from dispatcher.cancellation import wait_for_event
 from dispatcher.database_errors import describe, is_transient
 from dispatcher.executor import Outcome, OutcomeKind
 from dispatcher.log import get_logger
-from dispatcher.metrics import Metrics
+from dispatcher.metrics import Metrics, Service
 from dispatcher.notifier import backoff_delay
 from dispatcher.queries import queries_for
 
@@ -166,7 +166,7 @@ class Completer:
                 failures += 1
                 delay = backoff_delay(failures, 0.05, 2.0)
                 if self._metrics is not None:
-                    self._metrics.database_errors.labels("completer").inc()
+                    self._metrics.database_errors.labels(Service.COMPLETER).inc()
                 self._log.warning(
                     "completion_write_retrying",
                     error=describe(exc),

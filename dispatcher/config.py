@@ -82,6 +82,22 @@ def parse_optional_text(value: Any) -> str | None:
     return text or None
 
 
+_CONNECT_TIMEOUT = re.compile(r"(?:^|[?&\s])connect_timeout\s*=")
+
+
+def parse_dsn(value: Any) -> str | None:
+    """A DSN, or None. Refuses ``connect_timeout``: asyncpg passes options it does not
+    know to the server as settings, and the server refuses that one, so every
+    connection would fail (dispatcher bounds its connects itself)."""
+    dsn = parse_optional_text(value)
+    if dsn is not None and _CONNECT_TIMEOUT.search(dsn):
+        raise ValueError(
+            "connect_timeout is a libpq option that asyncpg hands to the server, which "
+            "refuses it (unrecognized configuration parameter); remove it from the DSN"
+        )
+    return dsn
+
+
 def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -119,11 +135,11 @@ class Settings:
     """Everything an operator can tune. Defaults are production-sane."""
 
     dsn: str | None = _setting(
-        None, parse_optional_text, "PostgreSQL DSN; unset means the embedded server", secret=True
+        None, parse_dsn, "PostgreSQL DSN; unset means the embedded server", secret=True
     )
     election_dsn: str | None = _setting(
         None,
-        parse_optional_text,
+        parse_dsn,
         "DSN for the election/LISTEN connection when dsn goes through a transaction pooler",
         secret=True,
     )
@@ -180,6 +196,18 @@ class Settings:
         "at least 100)",
     )
     pool_size: int = _setting(8, parse_positive_int, "connections in the runtime pool")
+    prepared_statements: bool = _setting(
+        True,
+        parse_bool,
+        "false: no named prepared statements or non-standard startup parameters on the "
+        "runtime pool (PgBouncer in transaction mode, any version)",
+    )
+    listen: bool = _setting(
+        True,
+        parse_bool,
+        "false: poll-only, no LISTEN at all (wake-ups on the poll tick, cancels on the job "
+        "heartbeat, hand-over on the election interval)",
+    )
     max_payload_bytes: int = _setting(
         1024 * 1024, parse_positive_int, "largest job payload the HTTP API accepts, in bytes"
     )

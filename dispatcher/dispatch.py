@@ -51,7 +51,7 @@ from dispatcher.database_errors import describe, is_transient
 from dispatcher.executor import Attempt, CancelReason, Outcome, run_attempt
 from dispatcher.job import Job
 from dispatcher.log import get_logger
-from dispatcher.metrics import Metrics
+from dispatcher.metrics import Metrics, Service
 from dispatcher.notifier import backoff_delay
 from dispatcher.queries import queries_for
 from dispatcher.rate_limit import RateWindows
@@ -127,6 +127,8 @@ class Dispatcher:
         # hand_back_unheld has run since.
         self._unsure = False
         self._hand_back_task: asyncio.Task[None] | None = None
+        # Why the claim loop could not prepare, while it cannot (readiness reports it).
+        self.preparing_failed: str | None = None
         self._types = sorted(app.executors)
         self.paused: set[str] = set()
         self.rates = RateWindows(
@@ -165,6 +167,7 @@ class Dispatcher:
         """Stop claiming at once. A claim in flight is not cancelled: its reply is
         awaited and its rows started (running jobs go on)."""
         self._term = None
+        self.preparing_failed = None
         task, self._loop_task = self._loop_task, None
         if task is not None:
             # Cancelled only between claims: holding the claim lock, no claim is in
@@ -187,9 +190,11 @@ class Dispatcher:
         while True:
             try:
                 await self._prepare()
+                self.preparing_failed = None
                 break
             except Exception as exc:
                 failures += 1
+                self.preparing_failed = f"the claim loop cannot start: {describe(exc)}"
                 self._log.warning("claim_prepare_failed", error=describe(exc))
                 await asyncio.sleep(min(self._poll_interval, 0.05 * 2**failures))
         failures = 0
@@ -208,7 +213,7 @@ class Dispatcher:
                     self._log.exception("claim_failed", error=describe(exc))
                 else:
                     self._log.warning("claim_failed", error=describe(exc))
-                self._metrics.database_errors.labels("dispatch").inc()
+                self._metrics.database_errors.labels(Service.DISPATCH).inc()
                 failures += 1
                 await asyncio.sleep(min(self._poll_interval, 0.05 * 2**failures))
                 if self._unsure:

@@ -66,7 +66,7 @@ import asyncpg
 
 from dispatcher.cancellation import wait_for_event
 from dispatcher.log import get_logger
-from dispatcher.metrics import Metrics
+from dispatcher.metrics import LeaderEvent, Metrics, Service
 from dispatcher.notifier import Notifier
 from dispatcher.queries import queries_for
 from dispatcher.schema import SchemaNames
@@ -206,7 +206,7 @@ class Elector:
         except DATABASE_ERRORS as exc:
             reason = f"database error: {str(exc) or type(exc).__name__}"
             if self._metrics is not None:
-                self._metrics.database_errors.labels("elector").inc()
+                self._metrics.database_errors.labels(Service.ELECTOR).inc()
             # A failed statement may have taken the lock without recording the term
             # (session locks survive rollback): only a fresh session is trustworthy.
             self._notifier.reset(reason)
@@ -320,7 +320,7 @@ class Elector:
         if self._metrics is not None:
             self._metrics.is_leader.set(1)
             self._metrics.leader_term.set(term)
-            self._metrics.leader_transitions.labels("elected").inc()
+            self._metrics.leader_transitions.labels(LeaderEvent.ELECTED).inc()
         await self._on_elected(term)
 
     async def _set_standby(self, reason: str) -> None:
@@ -332,7 +332,7 @@ class Elector:
         log("leader_deposed", term=term, reason=reason)
         if self._metrics is not None:
             self._metrics.is_leader.set(0)
-            self._metrics.leader_transitions.labels("deposed").inc()
+            self._metrics.leader_transitions.labels(LeaderEvent.DEPOSED).inc()
         await self._on_deposed(reason)
 
     async def _depose(self, reason: str) -> None:

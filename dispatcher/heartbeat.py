@@ -37,7 +37,7 @@ from dispatcher.database_errors import describe
 from dispatcher.executor import Attempt, CancelReason
 from dispatcher.job import Job
 from dispatcher.log import get_logger
-from dispatcher.metrics import Metrics
+from dispatcher.metrics import Metrics, Service
 from dispatcher.queries import queries_for
 from dispatcher.slots import Slots
 
@@ -126,7 +126,7 @@ class JobHeartbeat:
             async with asyncio.timeout(self._step_timeout):
                 await step()
         except Exception as exc:
-            self._metrics.database_errors.labels("heartbeat").inc()
+            self._metrics.database_errors.labels(Service.HEARTBEAT).inc()
             self._log.warning("heartbeat_failed", error=describe(exc))
             return False
         return True

@@ -19,7 +19,9 @@ from dispatcher.errors import InvalidJob
 
 MAX_TYPE_LENGTH = 200
 SMALLINT_MIN, SMALLINT_MAX = -32768, 32767
-INT_MAX = 2**31 - 1
+# The most attempts a job may have (the CHECK constraints of migration 0005 say so too:
+# a claim adds one, and must never overflow).
+MAX_ATTEMPTS = 10_000
 
 
 class JobStatus(enum.StrEnum):
@@ -43,7 +45,8 @@ _ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii
 def encode_json(value: Any, *, what: str) -> str:
     """JSON text Postgres' jsonb accepts, or InvalidJob naming ``what`` and the reason.
 
-    Refuses NaN/Infinity (not JSON) and NUL characters (jsonb cannot store them).
+    Refuses NaN/Infinity (not JSON), NUL characters (jsonb cannot store them) and lone
+    surrogates such as a decoded "\\ud800" (not Unicode: no database encoding has them).
     """
     try:
         text = _ENCODER.encode(value)
@@ -51,7 +54,21 @@ def encode_json(value: Any, *, what: str) -> str:
         raise InvalidJob(f"{what} is not JSON-serializable: {exc}") from None
     if "\\u0000" in text:
         raise InvalidJob(f"{what} contains a NUL character (\\u0000), which jsonb cannot store")
+    check_unicode(text, what=what)
     return text
+
+
+def check_unicode(text: str, *, what: str) -> None:
+    """InvalidJob unless ``text`` is valid Unicode (no lone surrogates)."""
+    if text.isascii():  # the common case, and O(1) in CPython
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidJob(
+            f"{what} contains a lone surrogate ({text[exc.start]!r} at {exc.start}), "
+            "which is not valid Unicode"
+        ) from None
 
 
 def decode_json(value: Any) -> Any:
@@ -118,6 +135,7 @@ def new_job_values(
         raise InvalidJob(f"type must be at most {MAX_TYPE_LENGTH} characters, got {len(type)}")
     if "\x00" in type:
         raise InvalidJob("type must not contain NUL characters")
+    check_unicode(type, what="type")
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise InvalidJob(f"priority must be an integer, got {priority!r}")
     if not SMALLINT_MIN <= priority <= SMALLINT_MAX:
@@ -127,8 +145,8 @@ def new_job_values(
     if max_attempts is not None:
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
             raise InvalidJob(f"max_attempts must be an integer, got {max_attempts!r}")
-        if not 1 <= max_attempts <= INT_MAX:
-            raise InvalidJob(f"max_attempts must be at least 1, got {max_attempts}")
+        if not 1 <= max_attempts <= MAX_ATTEMPTS:
+            raise InvalidJob(f"max_attempts must be 1 to {MAX_ATTEMPTS}, got {max_attempts}")
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
             raise InvalidJob(f"timeout must be a number of seconds, got {timeout!r}")
@@ -138,6 +156,8 @@ def new_job_values(
         raise InvalidJob("unique_key must be a non-empty string or None")
     if unique_key is not None and "\x00" in unique_key:
         raise InvalidJob("unique_key must not contain NUL characters")
+    if unique_key is not None:
+        check_unicode(unique_key, what="unique_key")
     if cache_ttl is not None:
         if isinstance(cache_ttl, bool) or not isinstance(cache_ttl, int | float):
             raise InvalidJob(f"cache_ttl must be a number of seconds, got {cache_ttl!r}")

@@ -5,6 +5,12 @@ lock keyed on the schema, so replicas that start together queue up instead of ra
 the second one finds nothing left to do. Applied versions are recorded with a
 checksum in ``<schema>.migrations``: an edited migration, or a database already
 migrated by newer code, is refused with a message that says what to do.
+
+A session lock needs a session: behind a transaction-mode pooler (PgBouncer) the lock
+and its unlock may reach different server connections, so nothing is serialized and
+the lock stays held by a pooled server connection. Migrations therefore run on the
+session DSN (``election_dsn``, straight at Postgres or through a session-mode pooler)
+when one is configured, and an unlock that finds no lock is reported as that mistake.
 """
 
 from __future__ import annotations
@@ -25,6 +31,14 @@ _MIGRATION_FILE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 
 # How long `migrate` waits for another process's migration before giving up.
 LOCK_WAIT_SECONDS = 300.0
+
+_NOT_A_SESSION = (
+    "the migration lock on schema {schema!r} was taken on one server session and released "
+    "on another: the DSN goes through a transaction-mode pooler (PgBouncer), where a "
+    "session advisory lock serializes nothing. Run migrations on a direct or session-mode "
+    "connection: set DISPATCHER_ELECTION_DSN (migrations use it when set). A pooled server "
+    "connection may still hold the lock until it closes (PgBouncer console: RECONNECT)"
+)
 
 
 @dataclass(frozen=True)
@@ -100,11 +114,13 @@ async def migrate(
     schema: str,
     *,
     report: Callable[[str], None] | None = None,
+    up_to: int | None = None,
 ) -> list[Migration]:
     """Apply every pending migration to ``schema``; return the ones applied.
 
     Idempotent and safe to run from several processes at once. ``report`` receives
-    one human-readable line per applied migration.
+    one human-readable line per applied migration. ``up_to``: stop after that version
+    (an upgrade test starts from an older schema).
     """
     names = SchemaNames(schema)
     q = queries_for(schema)
@@ -128,6 +144,8 @@ async def migrate(
         for migration in known:
             if migration.version in applied:
                 continue
+            if up_to is not None and migration.version > up_to:
+                break
             started = time.monotonic()
             try:
                 async with conn.transaction():
@@ -144,9 +162,23 @@ async def migrate(
             if report is not None:
                 elapsed_ms = (time.monotonic() - started) * 1000
                 report(f"applied {migration.label} to schema {schema!r} ({elapsed_ms:.0f} ms)")
-        return done
     finally:
-        await conn.execute(q["unlock_migrations"], names.migration_lock_name)
+        unlocked = await conn.fetchval(q["unlock_migrations"], names.migration_lock_name)
+    if not unlocked:
+        raise MigrationError(_NOT_A_SESSION.format(schema=schema))
+    return done
+
+
+async def migrate_at(
+    dsn: str, schema: str, *, report: Callable[[str], None] | None = None
+) -> list[Migration]:
+    """:func:`migrate` on a connection of its own to ``dsn``, a direct or session-mode
+    one (see the module docstring), closed afterwards."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn, schema, report=report)
+    finally:
+        await conn.close()
 
 
 async def check_schema_current(conn: asyncpg.Connection, schema: str) -> None:

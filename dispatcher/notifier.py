@@ -10,6 +10,10 @@ reconnects with capped exponential backoff and full jitter, then tells its
 subscribers so they can catch up on notifications they may have missed. TCP
 keepalives are set on both ends so a silently dead peer is noticed in seconds, not
 the kernel's default two hours.
+
+Poll-only mode (``listen=False``, where LISTEN is not available at all): the connection
+is kept for the elector, subscriptions are recorded but never LISTENed, so their
+callbacks never run and the replica relies on its polls alone.
 """
 
 from __future__ import annotations
@@ -66,9 +70,11 @@ class Notifier:
         connect_timeout: float = 5.0,
         backoff_base: float = 0.05,
         backoff_cap: float = 2.0,
+        listen: bool = True,
         log: Any = None,
     ) -> None:
         self._dsn = dsn
+        self.listening = listen
         self._connect_timeout = connect_timeout
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
@@ -86,9 +92,12 @@ class Notifier:
     # --- subscriptions --------------------------------------------------------------
 
     def subscribe(self, channel: str, callback: NotificationCallback) -> None:
-        """Call ``callback(payload)`` for every NOTIFY on ``channel`` (from now on)."""
+        """Call ``callback(payload)`` for every NOTIFY on ``channel`` (from now on);
+        never, in poll-only mode."""
         first = channel not in self._subscribers
         self._subscribers.setdefault(channel, []).append(callback)
+        if not self.listening:
+            return
         if first and self._conn is not None and not self._conn.is_closed():
             asyncio.get_running_loop().create_task(self._listen(self._conn, channel))
 
@@ -213,7 +222,7 @@ class Notifier:
         )
         try:
             _set_client_keepalives(conn)
-            for channel in self._subscribers:
+            for channel in self._subscribers if self.listening else ():
                 await self._listen(conn, channel)
         except BaseException:
             conn.terminate()

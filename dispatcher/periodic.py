@@ -23,7 +23,8 @@ from dispatcher.jobs import encode_json
 from dispatcher.log import get_logger
 from dispatcher.queries import queries_for
 
-# How long instants are remembered; never less than any schedule's backfill.
+# How long instants are remembered (each schedule's latest one is kept whatever its
+# age: it is where the schedule stands).
 RUNS_KEPT_FOR = 7 * 86400.0
 MAX_SLEEP = 1.0
 PRUNE_EVERY_PASSES = 3600
@@ -98,37 +99,51 @@ class PeriodicScheduler:
                 )
                 self._last = {row["schedule"]: row["last"] for row in rows}
             for schedule in self._schedules:
-                floor = now - dt.timedelta(seconds=schedule.backfill)
-                last = self._last.get(schedule.name)
-                after = floor if last is None or last < floor else last
-                for instant in instants_between(schedule, after, now):
-                    job_id = await conn.fetchval(
-                        self._queries["enqueue_scheduled"],
-                        schedule.name,
-                        instant,
-                        schedule.type,
-                        self._payloads[schedule.name],
-                        schedule.priority,
-                        schedule.max_attempts,
+                try:
+                    enqueued += await self._enqueue_due(conn, schedule, now)
+                except asyncpg.PostgresError as exc:
+                    # One schedule's trouble (a row the database refuses) must not hold
+                    # back the others: log it, and try it again next pass.
+                    self._log.error(
+                        "periodic_schedule_failed", schedule=schedule.name, error=describe(exc)
                     )
-                    self._last[schedule.name] = instant
-                    if job_id is not None:
-                        enqueued.append((schedule.name, instant, job_id))
-                        self._log.info(
-                            "periodic_enqueued", schedule=schedule.name, at=instant.isoformat(),
-                            job_id=job_id,
-                        )  # fmt: skip
-                upcoming = next_instant(schedule, now)
-                self.next_runs[schedule.name] = upcoming
-                await conn.execute(
-                    self._queries["record_schedule"],
-                    schedule.name,
-                    schedule.cron,
-                    schedule.timezone,
-                    schedule.type,
-                    upcoming,
-                    self._last.get(schedule.name),
-                )
+        return enqueued
+
+    async def _enqueue_due(
+        self, conn: asyncpg.Connection, schedule: Periodic, now: dt.datetime
+    ) -> list[tuple[str, dt.datetime, int]]:
+        enqueued: list[tuple[str, dt.datetime, int]] = []
+        floor = now - dt.timedelta(seconds=schedule.backfill)
+        last = self._last.get(schedule.name)
+        after = floor if last is None or last < floor else last
+        for instant in instants_between(schedule, after, now):
+            job_id = await conn.fetchval(
+                self._queries["enqueue_scheduled"],
+                schedule.name,
+                instant,
+                schedule.type,
+                self._payloads[schedule.name],
+                schedule.priority,
+                schedule.max_attempts,
+            )
+            self._last[schedule.name] = instant
+            if job_id is not None:
+                enqueued.append((schedule.name, instant, job_id))
+                self._log.info(
+                    "periodic_enqueued", schedule=schedule.name, at=instant.isoformat(),
+                    job_id=job_id,
+                )  # fmt: skip
+        upcoming = next_instant(schedule, now)
+        self.next_runs[schedule.name] = upcoming
+        await conn.execute(
+            self._queries["record_schedule"],
+            schedule.name,
+            schedule.cron,
+            schedule.timezone,
+            schedule.type,
+            upcoming,
+            self._last.get(schedule.name),
+        )
         return enqueued
 
     async def prune(self) -> None:

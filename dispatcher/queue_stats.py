@@ -1,7 +1,9 @@
 """Queue depth per type, counted by the leader: gauges and backpressure.
 
-Gauges: queue depth and oldest-pending age per type. Only the leader exports them,
-and a deposed leader clears them, so summing across replicas never counts twice.
+Gauges: queue depth and oldest-pending age per registered type, and one
+``type="(other)"`` series for every other type together, so that the page keeps its
+size however many types producers insert. Only the leader exports them, and a deposed
+leader clears them, so summing across replicas never counts twice.
 
 Backpressure: the same count closes (or reopens) the queue of every type with a
 ``max_pending``: ``job_types.accepting``, which an enqueue checks by primary key
@@ -14,13 +16,14 @@ reopens a queue that a newer one closed.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import asyncpg
 
 from dispatcher.database_errors import describe
 from dispatcher.log import get_logger
-from dispatcher.metrics import Metrics
+from dispatcher.metrics import OTHER_TYPES, Metrics, Service
 from dispatcher.queries import queries_for
 
 
@@ -53,7 +56,7 @@ class QueueStats:
                 try:
                     await self.run_once()
                 except Exception as exc:
-                    self._metrics.database_errors.labels("queue_stats").inc()
+                    self._metrics.database_errors.labels(Service.QUEUE_STATS).inc()
                     self._log.warning("queue_stats_failed", error=describe(exc))
                 await asyncio.sleep(self._interval)
         finally:
@@ -84,16 +87,36 @@ class QueueStats:
                 [row["type"] for row in rows],
                 [row["ready"] + row["scheduled"] for row in rows],
             )
-        depth = self._metrics.queue_depth
-        age = self._metrics.queue_oldest_pending_age
-        depth.clear()
-        age.clear()
-        for row in rows:
-            depth.labels(row["type"], "ready").set(row["ready"])
-            depth.labels(row["type"], "scheduled").set(row["scheduled"])
-            age.labels(row["type"]).set(row["oldest_ready_age"])
+        export_queue_depth(self._metrics, rows)
 
     def clear(self) -> None:
         """Stop exporting (this replica no longer leads)."""
         self._metrics.queue_depth.clear()
         self._metrics.queue_oldest_pending_age.clear()
+
+
+def export_queue_depth(metrics: Metrics, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Set the queue gauges from one ``queue_depth`` count: a series per registered
+    type (0 when none is pending) and one OTHER_TYPES series for all other types (their
+    depths summed, the oldest of their ages)."""
+    labels = [*sorted(metrics.job_types or ()), OTHER_TYPES]
+    ready = dict.fromkeys(labels, 0)
+    scheduled = dict.fromkeys(labels, 0)
+    oldest = dict.fromkeys(labels, 0.0)
+    for row in rows:
+        label = metrics.type_label(row["type"])
+        ready[label] = ready.get(label, 0) + row["ready"]
+        scheduled[label] = scheduled.get(label, 0) + row["scheduled"]
+        oldest[label] = max(oldest.get(label, 0.0), row["oldest_ready_age"])
+    depth = metrics.queue_depth
+    age = metrics.queue_oldest_pending_age
+    # Set in place, never cleared and refilled: /metrics renders in a thread and would
+    # catch the gauges empty half way (a missing sample resets a pending alert). Only
+    # without init_series (a test's bare Metrics) do the labels come and go.
+    if metrics.job_types is None:
+        depth.clear()
+        age.clear()
+    for label in oldest:
+        depth.labels(label, "ready").set(ready[label])
+        depth.labels(label, "scheduled").set(scheduled[label])
+        age.labels(label).set(oldest[label])

@@ -28,7 +28,7 @@ import asyncpg
 from dispatcher.app import App
 from dispatcher.database_errors import describe
 from dispatcher.log import get_logger
-from dispatcher.metrics import Metrics
+from dispatcher.metrics import Metrics, Service
 from dispatcher.queries import queries_for
 
 BATCH = 1000
@@ -85,7 +85,7 @@ class Reaper:
                 await self.run_once()
             except Exception as exc:
                 if self._metrics is not None:
-                    self._metrics.database_errors.labels("reaper").inc()
+                    self._metrics.database_errors.labels(Service.REAPER).inc()
                 self._log.warning("reaper_failed", error=describe(exc))
             await asyncio.sleep(self._interval)
 

@@ -44,7 +44,7 @@ from dispatcher.executor import Attempt, CancelReason, Outcome, OutcomeKind, thr
 from dispatcher.heartbeat import JobHeartbeat
 from dispatcher.log import get_logger
 from dispatcher.metrics import Metrics
-from dispatcher.migrate import check_schema_current, migrate
+from dispatcher.migrate import check_schema_current, migrate_at
 from dispatcher.notifier import Notifier
 from dispatcher.periodic import PeriodicScheduler
 from dispatcher.queries import queries_for
@@ -125,31 +125,22 @@ class Runtime:
     async def start(self) -> None:
         s = self.settings
         listener = self._listen() if self._serve_http else None
-        self._pool = await asyncpg.create_pool(
-            self.dsn,
-            min_size=1,
-            max_size=s.pool_size,
-            timeout=10,
-            max_inactive_connection_lifetime=60,
-            server_settings={
-                "application_name": "dispatcher",
-                # The batch statements take arrays (unnest, = ANY) whose size a cached
-                # generic plan cannot know: after five runs Postgres switched to one
-                # that scanned a thousand-row batch 20x slower. Planning each run
-                # costs a fraction of a millisecond per batch.
-                "plan_cache_mode": "force_custom_plan",
-            },
-            reset=_keep_session,
-        )
+        self._pool = await _create_pool(self.dsn, s)
+        if self._migrate:
+            # Migrations hold a session advisory lock: on the session DSN, never through
+            # a transaction pooler.
+            await migrate_at(
+                s.election_dsn or self.dsn,
+                s.schema,
+                report=lambda line: self.log.info("migrated", detail=line),
+            )
         async with self.pool.acquire() as conn:
-            if self._migrate:
-                await migrate(
-                    conn, s.schema, report=lambda line: self.log.info("migrated", detail=line)
-                )
             await check_schema_current(conn, s.schema)
 
         self.threads = thread_pool(self._sync_threads())
-        self.notifier = Notifier(s.election_dsn or self.dsn, log=get_logger("notifier"))
+        self.notifier = Notifier(
+            s.election_dsn or self.dsn, listen=s.listen, log=get_logger("notifier")
+        )
         # In dependency order: what wakes the claim loop; the slots it fills; the
         # completer that frees them; the heartbeat that keeps them alive; the claimer.
         self.wakeup = Wakeup()
@@ -236,7 +227,7 @@ class Runtime:
         self.notifier.subscribe(self.names.cancel_channel, self._cancel_hinted)
         self.notifier.subscribe(self.names.control_channel, lambda _: self.wakeup.wake("control"))
         self.notifier.on_reconnect(lambda: self.wakeup.wake("reconnect"))
-        self.metrics.info.labels(VERSION, self.owner_id).set(1)
+        self.metrics.init_series(self.app.executors, version=VERSION, replica=self.owner_id)
 
         for hook in self.app.startup_hooks:
             await hook()
@@ -264,7 +255,19 @@ class Runtime:
             schema=s.schema,
             types=sorted(self.app.executors),
             concurrency=self.dispatcher.limit,
+            listen=s.listen,
+            prepared_statements=s.prepared_statements,
         )
+        if not s.listen:
+            self.log.info(
+                "poll_only_mode",
+                detail="DISPATCHER_LISTEN=false: no LISTEN; new jobs are seen on the poll "
+                "tick, cancel requests on the job heartbeat, a released leadership on the "
+                "election interval",
+                poll_interval=s.poll_interval,
+                heartbeat_interval=s.heartbeat_interval,
+                election_interval=s.election_interval,
+            )
 
     @property
     def role(self) -> str:
@@ -286,6 +289,10 @@ class Runtime:
 
     def running_by_type(self) -> dict[str, int]:
         return self.slots.running_by_type()
+
+    def claiming_problem(self) -> str | None:
+        """Why the claim loop cannot start, while it cannot (readiness)."""
+        return self.dispatcher.preparing_failed
 
     def limits(self) -> dict[str, Any]:
         return {"global": self.dispatcher.limit, "types": dict(self.dispatcher.type_limits)}
@@ -565,6 +572,51 @@ def _flush_std_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+
+
+async def _create_pool(dsn: str, s: Settings) -> asyncpg.Pool:
+    """The runtime pool, with or without prepared statements (``prepared_statements``).
+
+    With them (the default) asyncpg names and caches every statement, so each is parsed
+    once per connection. The batch statements take arrays (unnest, = ANY) whose size a
+    cached generic plan cannot know: after five runs Postgres switched to one that
+    scanned a thousand-row batch 20x slower, so these sessions plan every run
+    (plan_cache_mode, a fraction of a millisecond per batch).
+
+    Without them, for PgBouncer in transaction mode (before 1.21 it cannot carry a named
+    statement from one transaction to the next, and no version accepts a startup
+    parameter it does not know, such as plan_cache_mode): statement_cache_size=0 makes
+    asyncpg (0.29+) use the unnamed statement and send its Parse again with Bind,
+    Execute and Sync, so one server connection runs the whole statement whichever one
+    PgBouncer hands out after the Describe. Each unnamed statement is executed once,
+    and Postgres plans a statement's first five executions with their parameters (a
+    custom plan): plan_cache_mode is moot there (measured: docs/operations.md).
+    """
+    server_settings = {"application_name": "dispatcher"}
+    options: dict[str, Any] = {"statement_cache_size": 0}
+    if s.prepared_statements:
+        server_settings["plan_cache_mode"] = "force_custom_plan"
+        options = {}
+    try:
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=s.pool_size,
+            timeout=10,
+            max_inactive_connection_lifetime=60,
+            server_settings=server_settings,
+            reset=_keep_session,
+            **options,
+        )
+    except asyncpg.ProtocolViolationError as exc:
+        # PgBouncer's answer to a startup parameter it does not pass on.
+        if "startup parameter" not in str(exc):
+            raise
+        raise DispatcherError(
+            f"the database refused a startup parameter ({exc}): DISPATCHER_DSN goes "
+            "through a pooler such as PgBouncer; set DISPATCHER_PREPARED_STATEMENTS=false"
+        ) from None
+    return pool
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:

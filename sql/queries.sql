@@ -249,7 +249,9 @@ ORDER BY started_at, id;
 -- Also fenced by claim number $8 (see revoke_claims): the owner's replica row is
 -- key-share-locked, so a revocation waits for this claim, or this claim for it.
 -- max_attempts and timeout left NULL on the row take the executor's $6[i] and $7[i].
-WITH fence AS MATERIALIZED (
+-- Due jobs are found priority by priority (see claim_priorities below), so jobs
+-- scheduled later at a better priority are never walked.
+WITH RECURSIVE fence AS MATERIALIZED (
     SELECT l.term
     FROM {{schema}}.leader l
     JOIN {{schema}}.replicas r ON r.id = $2 AND r.claims_revoked_before <= $8
@@ -260,16 +262,40 @@ capacity AS (
     SELECT * FROM unnest($3::text[], $4::integer[], $6::integer[], $7::double precision[])
         AS c(type, free, max_attempts, timeout)
 ),
+-- Per type, each priority its pending jobs have: a loose scan of the claim index (one
+-- probe per priority, however many jobs wait at it).
+priorities AS (
+    SELECT c.type, (
+        SELECT min(priority) FROM {{schema}}.jobs WHERE status = 'pending' AND type = c.type
+    ) AS priority
+    FROM capacity c
+    UNION ALL
+    SELECT p.type, (
+        SELECT min(priority) FROM {{schema}}.jobs
+        WHERE status = 'pending' AND type = p.type AND priority > p.priority
+    )
+    FROM priorities p
+    WHERE p.priority IS NOT NULL
+),
 picked AS MATERIALIZED (
     SELECT j.id, capacity.max_attempts, capacity.timeout
     FROM fence, capacity
     CROSS JOIN LATERAL (
-        SELECT id, priority, run_at
-        FROM {{schema}}.jobs
-        WHERE status = 'pending' AND type = capacity.type AND run_at <= now()
-        ORDER BY priority, run_at, id
+        SELECT due.id, due.priority, due.run_at
+        FROM priorities p
+        CROSS JOIN LATERAL (
+            -- A range scan of the claim index that starts at the first due job.
+            SELECT id, priority, run_at
+            FROM {{schema}}.jobs
+            WHERE status = 'pending' AND type = p.type AND priority = p.priority
+              AND run_at <= now()
+            ORDER BY run_at, id
+            LIMIT capacity.free
+            FOR UPDATE SKIP LOCKED
+        ) due
+        WHERE p.type = capacity.type AND p.priority IS NOT NULL
+        ORDER BY due.priority, due.run_at, due.id
         LIMIT capacity.free
-        FOR UPDATE SKIP LOCKED
     ) j
     -- A pause takes effect at the next claim, whoever has heard of it yet.
     WHERE NOT EXISTS (
@@ -497,12 +523,20 @@ SELECT count(*)::integer FROM {{schema}}.jobs WHERE status = 'processing' AND ow
 -- Lock up to $2 processing jobs whose owner has not heartbeated them for $1 seconds
 -- (in the reaper's transaction; rows being heartbeated right now are skipped), unless
 -- the owner said within $1 seconds that it holds the job but finds its row locked by
--- another session (record_locked_jobs): that attempt is alive.
+-- another session (record_locked_jobs): that attempt is alive. A heartbeat from the
+-- future (no replica writes one: heartbeats take the database clock) is a row someone
+-- inserted as processing: stale too, or it would hold its type's slot forever.
 SELECT j.id, j.type, j.attempts, j.max_attempts,
-       format('stale: owner stopped heartbeating (owner %s, last heartbeat %ss ago)',
-              j.owner, round(extract(epoch FROM now() - j.heartbeat_at))) AS error
+       CASE WHEN j.heartbeat_at > now()
+       THEN format('stale: its heartbeat_at (%s) is in the future, owner %s',
+                   j.heartbeat_at, j.owner)
+       ELSE format('stale: owner stopped heartbeating (owner %s, last heartbeat %ss ago)',
+                   j.owner, round(extract(epoch FROM now() - j.heartbeat_at)))
+       END AS error
 FROM {{schema}}.jobs j
-WHERE j.status = 'processing' AND j.heartbeat_at < now() - make_interval(secs => $1)
+WHERE j.status = 'processing'
+  AND (j.heartbeat_at < now() - make_interval(secs => $1)
+       OR j.heartbeat_at > now() + make_interval(secs => $1))
   AND NOT EXISTS (
       SELECT 1 FROM {{schema}}.replicas r
       WHERE r.id = j.owner AND j.id = ANY(r.locked_job_ids)
@@ -739,17 +773,18 @@ WHERE job_types.max_pending IS DISTINCT FROM EXCLUDED.max_pending;
 SELECT pg_advisory_xact_lock(hashtextextended('dispatcher:queue_count:' || $1, 0));
 
 -- name: refresh_accepting
--- From pending counts per type ($1[i], $2[i]), reopen or close each limited queue.
+-- From pending counts per type ($1[i], $2[i]), reopen or close each limited queue, and
+-- reopen any queue left closed by a limit since removed (max_pending NULL).
 -- Run after lock_queue_count and the count, in their transaction.
 UPDATE {{schema}}.job_types t SET
     pending = coalesce(c.pending, 0),
     counted_at = now(),
-    accepting = coalesce(c.pending, 0) < t.max_pending
+    accepting = t.max_pending IS NULL OR coalesce(c.pending, 0) < t.max_pending
 FROM (
     SELECT k.type, p.pending
     FROM {{schema}}.job_types k
     LEFT JOIN unnest($1::text[], $2::integer[]) AS p(type, pending) ON p.type = k.type
-    WHERE k.max_pending IS NOT NULL
+    WHERE k.max_pending IS NOT NULL OR NOT k.accepting
 ) AS c
 WHERE t.type = c.type;
 
@@ -789,6 +824,10 @@ SELECT run.job_id, $3, $4::text::jsonb, $5, $6, run.scheduled_for,
        'periodic:' || run.schedule || ':' || to_char(run.scheduled_for AT TIME ZONE 'UTC',
                                                       'YYYY-MM-DD"T"HH24:MI:SS"Z"')
 FROM run
+-- An active job already holds this instant's key (its run was forgotten, or someone
+-- enqueued it by hand): that job is the instant's run.
+ON CONFLICT (type, unique_key) WHERE unique_key IS NOT NULL AND status IN ('pending', 'processing')
+DO NOTHING
 RETURNING id;
 
 -- name: last_scheduled
@@ -815,9 +854,46 @@ FROM {{schema}}.schedules
 ORDER BY name;
 
 -- name: prune_schedule_runs
--- Forget instants older than $1 seconds (they can never be due again).
-DELETE FROM {{schema}}.schedule_runs
-WHERE scheduled_for < now() - make_interval(secs => $1);
+-- Forget instants older than $1 seconds, but never a schedule's latest: a new leader
+-- reads it to know where the schedule stands, whatever its backfill (a weekly job
+-- with a month of backfill was enqueued again at each leader change once its latest
+-- instant was pruned).
+DELETE FROM {{schema}}.schedule_runs r
+WHERE r.scheduled_for < now() - make_interval(secs => $1)
+  AND r.scheduled_for < (
+      SELECT max(m.scheduled_for) FROM {{schema}}.schedule_runs m WHERE m.schedule = r.schedule
+  );
+
+-- name: missing_runtime_privileges
+-- What the connected role lacks of what a replica needs on schema $1 (readiness),
+-- one row each, e.g. "SELECT on job_types"; none when it has everything
+-- (sql/roles.sql grants it). Tables are looked up only with USAGE on the schema.
+WITH needed(object, privilege) AS (
+    VALUES ('jobs', 'SELECT'), ('jobs', 'INSERT'), ('jobs', 'UPDATE'), ('jobs', 'DELETE'),
+           ('leader', 'SELECT'), ('leader', 'UPDATE'),
+           ('replicas', 'SELECT'), ('replicas', 'INSERT'), ('replicas', 'UPDATE'),
+           ('replicas', 'DELETE'),
+           ('job_types', 'SELECT'), ('job_types', 'INSERT'), ('job_types', 'UPDATE'),
+           ('schedules', 'SELECT'), ('schedules', 'INSERT'), ('schedules', 'UPDATE'),
+           ('schedule_runs', 'SELECT'), ('schedule_runs', 'INSERT'),
+           ('schedule_runs', 'DELETE'),
+           ('migrations', 'SELECT')
+), usage AS (
+    SELECT has_schema_privilege($1::text, 'USAGE') AS granted
+)
+SELECT format('USAGE on schema %s', $1::text) AS missing FROM usage WHERE NOT granted
+UNION ALL
+SELECT format('%s on %s', n.privilege, n.object)
+FROM needed n, usage
+WHERE CASE WHEN usage.granted
+           THEN NOT has_table_privilege(format('%I.%I', $1::text, n.object), n.privilege)
+           ELSE false END
+UNION ALL
+SELECT 'USAGE on jobs_id_seq'
+FROM usage
+WHERE CASE WHEN usage.granted
+           THEN NOT has_sequence_privilege(format('%I.jobs_id_seq', $1::text), 'USAGE')
+           ELSE false END;
 
 -- name: database_now
 -- The database clock.
@@ -841,8 +917,8 @@ FROM (SELECT t FROM unnest($1::text[]) AS t ORDER BY t) AS ordered;
 -- anywhere (NULL: no rate limit); at most $5 in all. Run after lock_types, in the same
 -- transaction, so the counts see every claim committed before ours. Times are the
 -- statement's, not the transaction's: the lock wait comes before the claim. Fenced by
--- claim number $10 as claim_jobs is.
-WITH fence AS MATERIALIZED (
+-- claim number $10 as claim_jobs is, and finds due jobs priority by priority as it does.
+WITH RECURSIVE fence AS MATERIALIZED (
     SELECT r.id FROM {{schema}}.replicas r
     WHERE r.id = $1 AND r.claims_revoked_before <= $10
     FOR KEY SHARE
@@ -888,17 +964,38 @@ capacity AS (
     LEFT JOIN running r ON r.type = l.type
     LEFT JOIN started s ON s.type = l.type
 ),
+priorities AS (
+    SELECT c.type, (
+        SELECT min(priority) FROM {{schema}}.jobs WHERE status = 'pending' AND type = c.type
+    ) AS priority
+    FROM capacity c
+    WHERE c.free > 0
+    UNION ALL
+    SELECT p.type, (
+        SELECT min(priority) FROM {{schema}}.jobs
+        WHERE status = 'pending' AND type = p.type AND priority > p.priority
+    )
+    FROM priorities p
+    WHERE p.priority IS NOT NULL
+),
 picked AS MATERIALIZED (
     SELECT j.id, capacity.max_attempts, capacity.timeout
     FROM fence, capacity
     CROSS JOIN LATERAL (
-        SELECT id, priority, run_at
-        FROM {{schema}}.jobs
-        WHERE status = 'pending' AND type = capacity.type
-          AND run_at <= statement_timestamp()
-        ORDER BY priority, run_at, id
+        SELECT due.id, due.priority, due.run_at
+        FROM priorities p
+        CROSS JOIN LATERAL (
+            SELECT id, priority, run_at
+            FROM {{schema}}.jobs
+            WHERE status = 'pending' AND type = p.type AND priority = p.priority
+              AND run_at <= statement_timestamp()
+            ORDER BY run_at, id
+            LIMIT capacity.free
+            FOR UPDATE SKIP LOCKED
+        ) due
+        WHERE p.type = capacity.type AND p.priority IS NOT NULL
+        ORDER BY due.priority, due.run_at, due.id
         LIMIT greatest(capacity.free, 0)
-        FOR UPDATE SKIP LOCKED
     ) j
     WHERE NOT EXISTS (
         SELECT 1 FROM {{schema}}.job_types t WHERE t.type = capacity.type AND t.paused

@@ -1,7 +1,8 @@
 """Hostile input while normal load flows: odd rows inserted straight into the table,
-and fuzzed HTTP requests. Every bad job ends failed (or pending, for a far-future
-run_at) with a clear error, good jobs keep flowing, the API never answers 5xx, and no
-replica dies."""
+and fuzzed HTTP requests. A row that can never run is refused at insert by a named
+constraint; every other bad job ends failed (or pending, for a far-future run_at) with
+a clear error, good jobs keep flowing, the API never answers 5xx, and no replica
+dies."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import asyncio
 import subprocess
 import sys
 
+import asyncpg
 import pytest
 
 from tests.chaos.conftest import StartChaosReplicas
 from tests.support.database import TestDatabase
+from tests.support.hostile_rows import REFUSED_ROWS
 from tests.support.processes import ReplicaProcess
 from tests.support.runtimes import fast_env
 from tests.support.waiting import eventually
@@ -38,7 +41,7 @@ HOSTILE = [
     ("chaos.strict", """'{"n": 1, "extra": true}'""", 0, "now()", "failed", "payload must be"),
     (
         "chaos.strict",
-        """jsonb_build_object('n', 1, 'blob', repeat('x', 5 * 1024 * 1024))""",
+        """jsonb_build_object('n', 1, 'blob', repeat('x', 900 * 1024))""",
         0, "now()", "failed", "payload must be",
     ),
     (
@@ -95,6 +98,11 @@ async def test_hostile_rows_and_fuzzed_requests_harm_no_good_job(
                     7_000_000_001 + offset,
                 )
             )
+        # Rows that can never run are refused at insert, whatever the load.
+        for what, columns, values, constraint in REFUSED_ROWS:
+            with pytest.raises(asyncpg.CheckViolationError) as refused:
+                await conn.execute(f"INSERT INTO {db.jobs} ({columns}) VALUES ({values})")
+            assert refused.value.constraint_name == constraint, what
         fuzz = await asyncio.to_thread(
             subprocess.run,
             [

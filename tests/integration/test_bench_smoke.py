@@ -19,6 +19,7 @@ TINY = {
     "failover": ["--rounds", "1"],
     "table_growth": ["--jobs", "300", "--finished", "3000", "--rounds", "1"],
     "memory": ["--jobs", "50", "--seconds", "3"],
+    "heartbeat_hot": ["--jobs", "50", "--beats", "3"],
 }
 
 

@@ -74,7 +74,7 @@ def test_get_unknown_job_raises_job_not_found(client: Client) -> None:
 
 
 def test_bad_job_is_refused_before_the_database(client: Client, db: TestDatabase) -> None:
-    with pytest.raises(InvalidJob, match="max_attempts must be at least 1"):
+    with pytest.raises(InvalidJob, match="max_attempts must be 1 to 10000"):
         client.enqueue("t", max_attempts=0)
     assert count_jobs(db) == 0
 
@@ -235,7 +235,8 @@ async def test_cancel_processing_sets_the_flag_and_notifies(
     received: asyncio.Queue[str] = asyncio.Queue()
     try:
         await conn.execute(
-            f"UPDATE \"{db.schema}\".jobs SET status = 'processing', attempts = 1 WHERE id = $1",
+            f"UPDATE \"{db.schema}\".jobs SET status = 'processing', attempts = 1, "
+            "owner = 'someone', heartbeat_at = now() WHERE id = $1",
             job.id,
         )
         await conn.add_listener(

@@ -14,7 +14,9 @@ import httpx
 import pytest
 
 from dispatcher import AsyncClient, QueueFull
+from dispatcher.app import Periodic
 from dispatcher.metrics import Metrics
+from dispatcher.periodic import PeriodicScheduler
 from dispatcher.queries import queries_for
 from dispatcher.queue_stats import QueueStats
 from dispatcher.runtime import Runtime
@@ -359,3 +361,69 @@ async def test_dead_letters_are_listed_and_retried_in_bulk_by_type(
     assert all(j.status.value in ("pending", "processing", "failed") for j in jobs)
     assert all(len(j.errors) >= 1 for j in jobs), "the history stays"
     assert json.dumps([j.max_attempts for j in jobs])  # exhausted jobs got one more attempt
+
+
+async def test_removing_max_pending_reopens_a_closed_queue(
+    db: TestDatabase, limited_queue: tuple[AsyncClient, QueueStats]
+) -> None:
+    # A deploy drops max_pending from the executor: its queue, closed by the last count
+    # under the limit, once stayed closed for good.
+    client, stats = limited_queue
+    for n in range(3):
+        await client.enqueue("t.limited", {"n": n})
+    await stats.run_once()
+    with pytest.raises(QueueFull):
+        await client.enqueue("t.limited", {"n": 3})
+    pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=1)
+    try:
+        # The leader's app now declares no limit for the type.
+        limits: dict[str, int | None] = {"t.limited": None}
+        await QueueStats(pool, db.schema, Metrics(), interval=60, max_pending=limits).run_once()
+    finally:
+        await pool.close()
+    assert (await client.enqueue("t.limited", {"n": 4})).id
+
+
+def yearly(at: dt.datetime, name: str, backfill_days: float) -> Periodic:
+    """A schedule whose only instant a year is ``at`` (its minute, hour, day, month)."""
+    return Periodic(name=name, cron=f"{at.minute} {at.hour} {at.day} {at.month} *",
+                    type="t.yearly", payload={}, timezone="UTC", priority=0,
+                    max_attempts=None, backfill=backfill_days * 86400)  # fmt: skip
+
+
+async def test_a_schedule_with_a_long_backfill_is_not_enqueued_again_after_pruning(
+    db: TestDatabase,
+) -> None:
+    # Its latest instant, 10 days ago, is older than the 7 days instants are kept, but
+    # within its 30-day backfill: a new leader once enqueued it a second time.
+    pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=2)
+    try:
+        now: dt.datetime = await pool.fetchval("SELECT date_trunc('minute', now())")
+        schedule = yearly(now - dt.timedelta(days=10), "ten-days-ago", backfill_days=30)
+        first = PeriodicScheduler(pool, db.schema, [schedule])
+        assert len(await first.run_once()) == 1, "the instant within the backfill, once"
+        await first.prune()
+        second = PeriodicScheduler(pool, db.schema, [schedule])  # the next leader
+        assert await second.run_once() == []
+        assert await pool.fetchval(f"SELECT count(*) FROM {db.jobs}") == 1
+    finally:
+        await pool.close()
+
+
+async def test_one_schedules_conflicting_job_does_not_stop_the_others(db: TestDatabase) -> None:
+    # An active job already holds the unique key of one schedule's instant (inserted by
+    # hand, or its run forgotten): that once aborted the pass for every schedule.
+    pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=2)
+    try:
+        now: dt.datetime = await pool.fetchval("SELECT date_trunc('minute', now())")
+        instant = now - dt.timedelta(days=1)
+        held = yearly(instant, "held", backfill_days=2)
+        free = Periodic(**{**vars(yearly(instant, "free", backfill_days=2)), "type": "t.free"})
+        key = "periodic:held:" + instant.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        await pool.execute(f"INSERT INTO {db.jobs} (type, unique_key) VALUES ('t.yearly', $1)", key)
+        enqueued = await PeriodicScheduler(pool, db.schema, [held, free]).run_once()
+        types = await pool.fetch(f"SELECT type, unique_key FROM {db.jobs} ORDER BY id")
+    finally:
+        await pool.close()
+    assert [(name, at) for name, at, _ in enqueued] == [("free", instant)]
+    assert [r["type"] for r in types] == ["t.yearly", "t.free"]

@@ -103,3 +103,39 @@ def test_every_setting_is_documented() -> None:
         env_name(f.name) for f in dataclasses.fields(Settings) if env_name(f.name) not in doc
     ]
     assert missing == []
+
+
+def test_prepared_statements_and_listen_default_on_and_turn_off() -> None:
+    settings, _ = load_settings(env={})
+    assert (settings.prepared_statements, settings.listen) == (True, True)
+    settings, _ = load_settings(
+        env={"DISPATCHER_PREPARED_STATEMENTS": "false", "DISPATCHER_LISTEN": "off"}
+    )
+    assert (settings.prepared_statements, settings.listen) == (False, False)
+
+
+def test_prepared_statements_and_listen_take_booleans_only(tmp_path: Path) -> None:
+    config = tmp_path / "dispatcher.toml"
+    config.write_text("prepared_statements = false\nlisten = true\n")
+    settings, _ = load_settings(config_file=config, env={})
+    assert (settings.prepared_statements, settings.listen) == (False, True)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(env={"DISPATCHER_PREPARED_STATEMENTS": "maybe", "DISPATCHER_LISTEN": "2"})
+    assert raised.value.problems == [
+        "DISPATCHER_PREPARED_STATEMENTS: expected true or false, got 'maybe'",
+        "DISPATCHER_LISTEN: expected true or false, got '2'",
+    ]
+
+
+def test_a_dsn_with_connect_timeout_is_refused_with_the_reason() -> None:
+    # asyncpg sends options it does not know to the server as settings; Postgres then
+    # refuses every connection ("unrecognized configuration parameter").
+    for env in (
+        {"DISPATCHER_DSN": "postgresql://u@db1:5432,db2:5432/app?connect_timeout=2"},
+        {"DISPATCHER_ELECTION_DSN": "host=db1 connect_timeout=2 dbname=app"},
+    ):
+        with pytest.raises(ConfigError, match="connect_timeout is a libpq option"):
+            load_settings(env=env)
+    multi_host = "postgresql://u@db1:5432,db2:5432/app?target_session_attrs=read-write"
+    settings, _ = load_settings(env={"DISPATCHER_DSN": multi_host})
+    assert settings.dsn == multi_host

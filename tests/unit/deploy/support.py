@@ -288,20 +288,32 @@ GRAFANA_RANGES = re.compile(r"\$\{?(__rate_interval|__interval|__range)\b\}?")
 def metric_names(expr: str) -> set[str]:
     """Every series name a PromQL expression selects (it must parse)."""
     names: set[str] = set()
+    for selector in vector_selectors(expr):
+        if selector.name:
+            names.add(selector.name)
+        for matcher in label_matchers(selector):
+            if matcher.name == "__name__":
+                assert matcher.op == promql_parser.MatchOp.Equal, (
+                    f"{expr}: select metrics by exact name, not {matcher.op}"
+                )
+                names.add(matcher.value)
+    return names
+
+
+def label_matchers(selector: promql_parser.VectorSelector) -> list[promql_parser.Matcher]:
+    matchers = [*selector.matchers.matchers]
+    for alternative in selector.matchers.or_matchers:
+        matchers.extend(alternative)
+    return matchers
+
+
+def vector_selectors(expr: str) -> list[promql_parser.VectorSelector]:
+    """Every series selector in a PromQL expression (it must parse)."""
+    selectors: list[promql_parser.VectorSelector] = []
 
     def visit(node: Any) -> None:
         if isinstance(node, promql_parser.VectorSelector):
-            if node.name:
-                names.add(node.name)
-            matchers = [*node.matchers.matchers]
-            for alternative in node.matchers.or_matchers:
-                matchers.extend(alternative)
-            for matcher in matchers:
-                if matcher.name == "__name__":
-                    assert matcher.op == promql_parser.MatchOp.Equal, (
-                        f"{expr}: select metrics by exact name, not {matcher.op}"
-                    )
-                    names.add(matcher.value)
+            selectors.append(node)
         elif isinstance(node, promql_parser.MatrixSelector):
             visit(node.vector_selector)
         elif isinstance(node, promql_parser.Call):
@@ -322,7 +334,7 @@ def metric_names(expr: str) -> set[str]:
             raise AssertionError(f"{expr}: unexpected PromQL node {type(node).__name__}")
 
     visit(promql_parser.parse(expr))
-    return names
+    return selectors
 
 
 def unknown_metric_names(expr: str, external: AbstractSet[str] = frozenset()) -> set[str]:

@@ -8,9 +8,18 @@ import re
 from pathlib import Path
 from typing import Any
 
+import promql_parser
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-from dispatcher.metrics import Metrics
+from dispatcher import examples
+from dispatcher.dispatch import Dispatcher
+from dispatcher.metrics import WAKEUP_SOURCES, Metrics
+from dispatcher.queue_stats import export_queue_depth
+from dispatcher.runtime import VERSION
+from dispatcher.slots import Slots
+from dispatcher.wakeup import Wakeup
 from tests.unit.deploy.support import (
     ALERTS,
     DASHBOARD,
@@ -20,10 +29,12 @@ from tests.unit.deploy.support import (
     alert_rules,
     dashboard_queries,
     kubernetes_problems,
+    label_matchers,
     load_yaml_documents,
     markdown_anchors,
     metric_names,
     unknown_metric_names,
+    vector_selectors,
 )
 
 SCOPED = ('namespace="$namespace"', 'job="$job"')
@@ -247,3 +258,97 @@ def test_the_dashboard_shows_what_operators_need() -> None:
     assert panels_reading(dashboard, "dispatcher_leader_transitions_total")
     assert panels_reading(dashboard, "dispatcher_jobs_rescued_total"), "no panel shows rescues"
     assert panels_reading(dashboard, "dispatcher_database_errors_total")
+
+
+# --- every queried series exists on a fresh replica --------------------------------------
+
+# Added by the scrape (Prometheus Operator), not by the replica.
+SCRAPE_LABELS = {"namespace", "job", "pod", "instance"}
+
+
+def fresh_replica_page(metrics: Metrics) -> str:
+    """The /metrics page of a replica of dispatcher.examples:app just started and elected:
+    what Runtime.start builds that sets series (no database: they only keep their pool),
+    then the leader's first count of an empty queue."""
+    app = examples.app
+    wakeup = Wakeup()
+    slots = Slots(app.executors, wakeup=wakeup, metrics=metrics)
+    Dispatcher(
+        pool=None, app=app, schema="dispatcher", owner_id="r", slots=slots, wakeup=wakeup,
+        deliver=lambda outcome: None, threads=None, is_leader=lambda: True, metrics=metrics,
+    )  # fmt: skip
+    metrics.init_series(app.executors, version=VERSION, replica="r")
+    export_queue_depth(metrics, [])
+    return generate_latest(metrics.registry).decode()
+
+
+def selects(matcher: promql_parser.Matcher, labels: dict[str, str]) -> bool:
+    if matcher.name in SCRAPE_LABELS or matcher.name == "__name__" or "$" in matcher.value:
+        return True  # a Grafana variable ($type) may take any value the series has
+    value = labels.get(matcher.name, "")
+    if matcher.op == promql_parser.MatchOp.Equal:
+        return value == matcher.value
+    if matcher.op == promql_parser.MatchOp.NotEqual:
+        return value != matcher.value
+    found = re.fullmatch(matcher.value, value) is not None
+    return found if matcher.op == promql_parser.MatchOp.Re else not found
+
+
+def missing_series(page: str) -> list[str]:
+    """Every dispatcher_* selector of an alert or a dashboard query that no sample on
+    ``page`` satisfies: a query that would see nothing (increase() and rate() miss the
+    first event of a series born at it)."""
+    samples = [
+        (sample.name, sample.labels)
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+    ]
+    queries = [(rule["alert"], rule["expr"]) for rule in alert_rules()]
+    queries += dashboard_queries(load_dashboard())
+    missing = []
+    for where, expr in queries:
+        for selector in vector_selectors(expr):
+            name = next(iter(metric_names(str(selector))))
+            if not name.startswith("dispatcher_"):
+                continue
+            matchers = label_matchers(selector)
+            if not any(
+                sample == name and all(selects(m, labels) for m in matchers)
+                for sample, labels in samples
+            ):
+                missing.append(f"{where}: {selector}")
+    return missing
+
+
+def test_every_series_the_alerts_and_the_dashboard_query_exists_on_a_fresh_replica() -> None:
+    assert missing_series(fresh_replica_page(Metrics())) == []
+
+
+def test_the_series_check_catches_series_born_at_their_first_event() -> None:
+    # What a replica exported before init_series: no counter of a labelled series.
+    bare = Metrics()
+    bare.info.labels(VERSION, "r").set(1)
+    missing = missing_series(generate_latest(bare.registry).decode())
+    for name, selected in (
+        ("dispatcher_jobs_rescued_total", ""),
+        ("dispatcher_database_errors_total", ""),
+        ("dispatcher_leader_transitions_total", 'event="elected"'),
+        ("dispatcher_concurrency_limit", 'type="*"'),
+        ("dispatcher_queue_depth", 'state="ready"'),
+    ):
+        assert any(f": {name}{{" in line and selected in line for line in missing), name
+
+
+def test_every_wakeup_source_is_initialised() -> None:
+    # The claim loop's wake-up sources are strings its callers pass; each must be in
+    # WAKEUP_SOURCES, or its series is born at its first wake-up.
+    package = Path(examples.__file__).parent
+    called = {
+        source
+        for path in package.glob("*.py")
+        for source in re.findall(
+            r"(?:wake|start_claiming)\(\s*\"(\w+)\"\s*\)", path.read_text(encoding="utf-8")
+        )
+    }
+    assert called, "no wake-up source found: has the call changed its name?"
+    assert called <= set(WAKEUP_SOURCES), sorted(called - set(WAKEUP_SOURCES))
