@@ -171,7 +171,8 @@ async def claim_buffers(conn: asyncpg.Connection, schema: str) -> tuple[int, int
         ]
     finally:
         await claim.rollback()
-    claimed = int(plan[0].split("rows=")[-1].split()[0])
+    # PostgreSQL 18 prints actual rows with decimals ("rows=10.00").
+    claimed = int(float(plan[0].split("rows=")[-1].split()[0]))
     # The finding of the jobs alone: the plan of the "picked" CTE (the update after it
     # writes into every index, whose depth grows with the table).
     picking = plan[next(i for i, line in enumerate(plan) if "CTE picked" in line) :]
