@@ -43,6 +43,7 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check dispatcher tests
 	$(BIN)/ruff format --check dispatcher tests
 	$(BIN)/mypy dispatcher
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

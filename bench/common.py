@@ -26,8 +26,8 @@ from typing import Any
 
 import asyncpg
 
-from dispatcher.log import configure_logging
-from dispatcher.migrate import migrate
+from dispatcher.core.log import configure_logging
+from dispatcher.database.migrate import migrate
 
 # Benchmarks print tables on stdout; in-process services log warnings only (stderr).
 configure_logging("console", "warning")
@@ -82,7 +82,7 @@ def database() -> Iterator[Database]:
     if dsn:
         yield Database(dsn, schema)
         return
-    from dispatcher.embedded import EmbeddedPostgres
+    from dispatcher.database.embedded import EmbeddedPostgres
 
     home = Path(tempfile.mkdtemp(prefix="dispatcher-bench-"))
     server = EmbeddedPostgres(home, settings={"max_connections": "200"})

@@ -18,7 +18,7 @@ import time
 import asyncpg
 
 from bench.common import Database, Result, database, database_beside
-from dispatcher.queries import queries_for
+from dispatcher.core.queries import queries_for
 
 OLD_INDEX = (
     "CREATE INDEX jobs_processing_heartbeat_idx ON {jobs} (heartbeat_at) "

@@ -51,10 +51,13 @@ def short(frame: str) -> str:
         return frame
     parts = Path(match["file"]).parts
     where = "/".join(parts[-2:]) if len(parts) > 1 else match["file"]
-    for marker in ("site-packages", "lib"):
-        if marker in parts:
-            where = "/".join(parts[parts.index(marker) + 1 :][:2])
-            break
+    if "dispatcher" in parts:  # our own code, however deep: from the package down
+        where = "/".join(parts[len(parts) - 1 - parts[::-1].index("dispatcher") :])
+    else:
+        for marker in ("site-packages", "lib"):
+            if marker in parts:
+                where = "/".join(parts[parts.index(marker) + 1 :][:2])
+                break
     return f"{match['function']} ({where})"
 
 

@@ -23,9 +23,9 @@ from datetime import timedelta
 from bench.burndown import CONCURRENCY, burn_down
 from bench.common import Database, Result, database, database_beside, percentile
 from bench.raw_sql import COMPLETE
-from dispatcher.app import App
-from dispatcher.queries import queries_for
-from dispatcher.reaper import Reaper
+from dispatcher.core.app import App
+from dispatcher.core.queries import queries_for
+from dispatcher.services.reaper import Reaper
 
 # Retention one day; the benchmark's settings make the leader reap often.
 REAPER_ENV = {"DISPATCHER_REAPER_INTERVAL": "0.5"}

@@ -3,10 +3,8 @@
 The public API; everything else is internal.
 """
 
-from dispatcher.app import App
-from dispatcher.async_client import AsyncClient
-from dispatcher.client import Client
-from dispatcher.errors import (
+from dispatcher.core.app import App
+from dispatcher.core.errors import (
     ConfigError,
     DispatcherError,
     InvalidArgument,
@@ -20,10 +18,12 @@ from dispatcher.errors import (
     SchemaNotReady,
     Snooze,
 )
-from dispatcher.job import Job
-from dispatcher.jobs import JobRecord, JobStatus
-from dispatcher.producer import ClusterStatus, JobType
-from dispatcher.retry import RetryPolicy
+from dispatcher.core.records import JobRecord, JobStatus
+from dispatcher.core.retry import RetryPolicy
+from dispatcher.producers.async_client import AsyncClient
+from dispatcher.producers.client import Client
+from dispatcher.producers.plans import ClusterStatus, JobType
+from dispatcher.services.job import Job
 
 __version__ = "0.1.0"
 

@@ -12,9 +12,9 @@ import asyncio
 import math
 from typing import Any
 
-from dispatcher.app import App
-from dispatcher.errors import PermanentError
-from dispatcher.job import Job
+from dispatcher.core.app import App
+from dispatcher.core.errors import PermanentError
+from dispatcher.services.job import Job
 
 app = App(concurrency=100)
 

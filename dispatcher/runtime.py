@@ -31,29 +31,29 @@ from typing import Any, NoReturn
 import asyncpg
 import uvicorn
 
-from dispatcher.api import build_api
-from dispatcher.app import App
-from dispatcher.cancellation import awaiting, cancel_and_wait
-from dispatcher.completer import Completer
-from dispatcher.config import Settings
-from dispatcher.database_errors import describe
-from dispatcher.dispatch import Dispatcher
-from dispatcher.elector import ElectionTiming, Elector, Role
-from dispatcher.errors import DispatcherError
-from dispatcher.executor import Attempt, CancelReason, Outcome, OutcomeKind, thread_pool
-from dispatcher.heartbeat import JobHeartbeat
-from dispatcher.log import get_logger
-from dispatcher.metrics import Metrics
-from dispatcher.migrate import check_schema_current, migrate_at
-from dispatcher.notifier import Notifier
-from dispatcher.periodic import PeriodicScheduler
-from dispatcher.queries import queries_for
-from dispatcher.queue_stats import QueueStats
-from dispatcher.reaper import Reaper
-from dispatcher.replicas import ReplicaRegistry, incarnation_id
-from dispatcher.schema import SchemaNames
-from dispatcher.slots import Slots
-from dispatcher.wakeup import Wakeup
+from dispatcher.core.app import App
+from dispatcher.core.cancellation import awaiting, cancel_and_wait
+from dispatcher.core.config import Settings
+from dispatcher.core.database_errors import describe
+from dispatcher.core.errors import DispatcherError
+from dispatcher.core.log import get_logger
+from dispatcher.core.metrics import Metrics
+from dispatcher.core.queries import queries_for
+from dispatcher.core.schema import SchemaNames
+from dispatcher.database.migrate import check_schema_current, migrate_at
+from dispatcher.http.api import build_api
+from dispatcher.services.completer import Completer
+from dispatcher.services.dispatch import Dispatcher
+from dispatcher.services.elector import ElectionTiming, Elector, Role
+from dispatcher.services.executor import Attempt, CancelReason, Outcome, OutcomeKind, thread_pool
+from dispatcher.services.job_heartbeat import JobHeartbeat
+from dispatcher.services.notifier import Notifier
+from dispatcher.services.periodic import PeriodicScheduler
+from dispatcher.services.queue_stats import QueueStats
+from dispatcher.services.reaper import Reaper
+from dispatcher.services.replicas import ReplicaRegistry, incarnation_id
+from dispatcher.services.slots import Slots
+from dispatcher.services.wakeup import Wakeup
 
 VERSION = "0.1.0"
 # Bounds on the parts of a graceful shutdown that wait on others (user code, the

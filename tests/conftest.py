@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from dispatcher.log import configure_logging
-from dispatcher.migrate import migrate
+from dispatcher.core.log import configure_logging
+from dispatcher.database.migrate import migrate
 from tests.support.database import PostgresServer, TestDatabase, drop_schema, new_schema_name
 from tests.support.private_postgres import FAST_UNSAFE
 from tests.support.runtimes import start_runtime  # noqa: F401  (a fixture)
@@ -48,7 +48,7 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServe
         with PostgresContainer("postgres:16-alpine", driver=None) as container:
             yield PostgresServer(container.get_connection_url(), "testcontainers")
         return
-    from dispatcher.embedded import EmbeddedPostgres
+    from dispatcher.database.embedded import EmbeddedPostgres
 
     home = tmp_path_factory.mktemp("embedded-postgres")
     server = EmbeddedPostgres(home, settings=FAST_UNSAFE)

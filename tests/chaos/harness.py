@@ -46,8 +46,8 @@ from typing import Any
 
 import asyncpg
 
-from dispatcher.config import load_settings
-from dispatcher.migrate import migrate
+from dispatcher.core.config import load_settings
+from dispatcher.database.migrate import migrate
 from dispatcher.runtime import EXIT_THREADS_UNSTOPPABLE
 from tests.chaos.faults import JOB_FAULTS, Fault, JobFaults
 from tests.support.chaos_app import ATTEMPTS_LOG

@@ -10,9 +10,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from dispatcher.config import load_settings
-from dispatcher.executor import CancelReason
+from dispatcher.core.config import load_settings
 from dispatcher.runtime import Runtime
+from dispatcher.services.executor import CancelReason
 from tests.support.apps import make_app, seen
 from tests.support.database import migrated_schema
 from tests.support.private_postgres import private_postgres

@@ -24,8 +24,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from dispatcher.async_client import AsyncClient
-from dispatcher.client import Client
+from dispatcher.producers.async_client import AsyncClient
+from dispatcher.producers.client import Client
 from tests.chaos.conftest import StartChaosReplicas
 from tests.support.attempt_log import fetch_runs, overlapping_runs
 from tests.support.database import TestDatabase, migrated_schema

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from fastapi.routing import APIRoute
 
-from dispatcher.config import load_settings
+from dispatcher.core.config import load_settings
 from dispatcher.examples import app as examples_app
 from dispatcher.runtime import Runtime
 from tests.support.apps import make_app

@@ -58,4 +58,4 @@ def test_burndown_profile_names_where_the_replica_spent_its_samples(tmp_path: Pa
     assert raw.stat().st_size > 0
     summary = run.stdout.split("profile: ", 1)[1]
     assert "self (on top of the stack):" in summary
-    assert "(dispatcher/cli.py)" in summary.split("inclusive, dispatcher code")[1]
+    assert "(dispatcher/cli/main.py)" in summary.split("inclusive, dispatcher code")[1]

@@ -8,10 +8,10 @@ import json
 
 import asyncpg
 
-from dispatcher.completer import Completer
-from dispatcher.executor import CancelReason, Outcome, OutcomeKind
-from dispatcher.metrics import Metrics
-from dispatcher.queries import queries_for
+from dispatcher.core.metrics import Metrics
+from dispatcher.core.queries import queries_for
+from dispatcher.services.completer import Completer
+from dispatcher.services.executor import CancelReason, Outcome, OutcomeKind
 from tests.support.apps import make_app
 from tests.support.database import TestDatabase, register_owner
 from tests.support.runtimes import StartRuntime, held_attempt

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from dispatcher.cancellation import awaiting
+from dispatcher.core.cancellation import awaiting
 from dispatcher.examples import app as examples_app
 from dispatcher.runtime import Runtime
 from tests.support.apps import make_app, seen

@@ -10,12 +10,12 @@ import time
 import asyncpg
 import pytest
 
-from dispatcher.elector import ElectionTiming, Elector, Role
-from dispatcher.metrics import Metrics
-from dispatcher.notifier import Notifier
-from dispatcher.queries import queries_for
-from dispatcher.replicas import ReplicaRegistry, incarnation_id
-from dispatcher.schema import SchemaNames
+from dispatcher.core.metrics import Metrics
+from dispatcher.core.queries import queries_for
+from dispatcher.core.schema import SchemaNames
+from dispatcher.services.elector import ElectionTiming, Elector, Role
+from dispatcher.services.notifier import Notifier
+from dispatcher.services.replicas import ReplicaRegistry, incarnation_id
 from tests.support.database import TestDatabase, register_owner
 from tests.support.waiting import eventually
 

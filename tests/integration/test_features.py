@@ -14,12 +14,12 @@ import httpx
 import pytest
 
 from dispatcher import AsyncClient, QueueFull
-from dispatcher.app import Periodic
-from dispatcher.metrics import Metrics
-from dispatcher.periodic import PeriodicScheduler
-from dispatcher.queries import queries_for
-from dispatcher.queue_stats import QueueStats
+from dispatcher.core.app import Periodic
+from dispatcher.core.metrics import Metrics
+from dispatcher.core.queries import queries_for
 from dispatcher.runtime import Runtime
+from dispatcher.services.periodic import PeriodicScheduler
+from dispatcher.services.queue_stats import QueueStats
 from tests.support.apps import make_feature_app, seen
 from tests.support.database import TestDatabase
 from tests.support.runtimes import StartRuntime, held_attempt

@@ -18,11 +18,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from dispatcher.app import App
-from dispatcher.job import Job
-from dispatcher.reaper import Reaper
-from dispatcher.retry import RetryPolicy
+from dispatcher.core.app import App
+from dispatcher.core.retry import RetryPolicy
 from dispatcher.runtime import Runtime
+from dispatcher.services.job import Job
+from dispatcher.services.reaper import Reaper
 from tests.support.attempt_log import (
     AttemptLog,
     Run,
@@ -310,7 +310,7 @@ async def start_behind_proxy(
     db: TestDatabase, proxy: TcpProxy, app: App, **overrides: str
 ) -> Runtime:
     """A replica whose pool goes through the proxy (its election connection does not)."""
-    from dispatcher.config import load_settings
+    from dispatcher.core.config import load_settings
 
     values = {**FAST_SETTINGS, "schema": db.schema, "replica_id": "proxied",
               "election_dsn": db.dsn, **overrides}  # fmt: skip

@@ -9,9 +9,9 @@ import time
 import asyncpg
 import pytest
 
-from dispatcher.app import App
-from dispatcher.job import Job
-from dispatcher.migrate import migrate
+from dispatcher.core.app import App
+from dispatcher.database.migrate import migrate
+from dispatcher.services.job import Job
 from tests.support.database import PostgresServer, TestDatabase
 from tests.support.hostile_rows import REFUSED_ROWS
 from tests.support.runtimes import FAST_SETTINGS, StartRuntime

@@ -10,9 +10,9 @@ import httpx
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatcher.metrics import OTHER_TYPES, Metrics, Service
-from dispatcher.reaper import Reaper
+from dispatcher.core.metrics import OTHER_TYPES, Metrics, Service
 from dispatcher.runtime import Runtime
+from dispatcher.services.reaper import Reaper
 from tests.support.apps import make_app
 from tests.support.database import TestDatabase
 from tests.support.runtimes import StartRuntime

@@ -9,8 +9,8 @@ import sys
 import asyncpg
 import pytest
 
-from dispatcher.errors import MigrationError, SchemaNotReady
-from dispatcher.migrate import check_schema_current, known_migrations, migrate
+from dispatcher.core.errors import MigrationError, SchemaNotReady
+from dispatcher.database.migrate import check_schema_current, known_migrations, migrate
 from tests.support.database import PostgresServer
 
 

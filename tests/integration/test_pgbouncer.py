@@ -25,13 +25,13 @@ import psycopg
 import pytest
 
 from dispatcher import AsyncClient, Client
-from dispatcher.app import App
-from dispatcher.config import load_settings
-from dispatcher.errors import DispatcherError, MigrationError
-from dispatcher.job import Job
-from dispatcher.log import configure_logging
-from dispatcher.migrate import migrate
+from dispatcher.core.app import App
+from dispatcher.core.config import load_settings
+from dispatcher.core.errors import DispatcherError, MigrationError
+from dispatcher.core.log import configure_logging
+from dispatcher.database.migrate import migrate
 from dispatcher.runtime import Runtime
+from dispatcher.services.job import Job
 from tests.support.database import PostgresServer, TestDatabase
 from tests.support.pgbouncer import PgBouncer, running_pgbouncer
 from tests.support.runtimes import FAST_SETTINGS

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from dispatcher import reaper as reaper_module
-from dispatcher.metrics import Metrics
-from dispatcher.reaper import Reaper
+from dispatcher.core.metrics import Metrics
+from dispatcher.services import reaper as reaper_module
+from dispatcher.services.reaper import Reaper
 from tests.support.apps import make_app
 from tests.support.database import TestDatabase
 

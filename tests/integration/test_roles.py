@@ -15,11 +15,11 @@ import psycopg
 import pytest
 
 from dispatcher import AsyncClient, Client
-from dispatcher.app import App
-from dispatcher.config import load_settings
-from dispatcher.job import Job
-from dispatcher.roles import RoleNames, roles_sql
+from dispatcher.core.app import App
+from dispatcher.core.config import load_settings
+from dispatcher.database.roles import RoleNames, roles_sql
 from dispatcher.runtime import Runtime
+from dispatcher.services.job import Job
 from tests.support.database import TestDatabase
 from tests.support.runtimes import FAST_SETTINGS
 from tests.support.waiting import eventually

@@ -9,7 +9,7 @@ import re
 import asyncpg
 import pytest
 
-from dispatcher.queries import queries_for
+from dispatcher.core.queries import queries_for
 from tests.support.database import TestDatabase, register_owner
 
 

@@ -10,9 +10,9 @@ from collections import defaultdict
 from typing import Any
 
 from dispatcher import PermanentError, RetryAfter, Snooze
-from dispatcher.app import App
-from dispatcher.job import Job
-from dispatcher.retry import RetryPolicy
+from dispatcher.core.app import App
+from dispatcher.core.retry import RetryPolicy
+from dispatcher.services.job import Job
 
 # job id -> list of (attempt, wall-clock start) per run of that job
 seen: dict[int, list[tuple[int, float]]] = defaultdict(list)

@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncpg
 
-from dispatcher.job import Job
+from dispatcher.services.job import Job
 
 ATTEMPTS_LOG = """
 CREATE TABLE IF NOT EXISTS {schema}.attempts_log (

@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 from dispatcher import PermanentError
-from dispatcher.app import App
-from dispatcher.job import Job
+from dispatcher.core.app import App
+from dispatcher.services.job import Job
 from tests.support.attempt_log import ATTEMPTS_LOG, AttemptLog
 
 __all__ = ["ATTEMPTS_LOG", "app"]

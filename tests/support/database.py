@@ -41,7 +41,7 @@ class TestDatabase:
 async def register_owner(conn: asyncpg.Connection, schema: str, owner: str) -> None:
     """A replica row for ``owner``: claims are fenced by their owner's replica row, so
     a test that claims with plain SQL registers its owner first (as a runtime does)."""
-    from dispatcher.queries import queries_for
+    from dispatcher.core.queries import queries_for
 
     await conn.execute(
         queries_for(schema)["replica_heartbeat"], owner, owner, "test", 0, "test", "standby", []
@@ -54,7 +54,7 @@ def new_schema_name() -> str:
 
 async def migrated_schema(dsn: str) -> str:
     """A new schema on the server at ``dsn``, migrated; its name."""
-    from dispatcher.migrate import migrate
+    from dispatcher.database.migrate import migrate
 
     schema = new_schema_name()
     conn = await asyncpg.connect(dsn)

@@ -21,11 +21,11 @@ from typing import Any
 
 import asyncpg
 
-from dispatcher.elector import ElectionTiming, Elector
-from dispatcher.log import configure_logging
-from dispatcher.notifier import Notifier
-from dispatcher.queries import queries_for
-from dispatcher.replicas import incarnation_id
+from dispatcher.core.log import configure_logging
+from dispatcher.core.queries import queries_for
+from dispatcher.services.elector import ElectionTiming, Elector
+from dispatcher.services.notifier import Notifier
+from dispatcher.services.replicas import incarnation_id
 
 
 def emit(event: str, **fields: Any) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dispatcher.embedded import EmbeddedPostgres
+from dispatcher.database.embedded import EmbeddedPostgres
 
 # A throwaway test server need not survive a crash of this machine.
 FAST_UNSAFE = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}

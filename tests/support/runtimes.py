@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from dispatcher.app import App
-from dispatcher.config import load_settings
-from dispatcher.executor import Attempt
+from dispatcher.core.app import App
+from dispatcher.core.config import load_settings
 from dispatcher.runtime import Runtime
+from dispatcher.services.executor import Attempt
 from tests.support.database import TestDatabase
 
 # Fast intervals so tests run in seconds; the defaults are tested in test_config.

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 from urllib.parse import urlsplit, urlunsplit
 
-from dispatcher.cancellation import cancel_and_wait
+from dispatcher.core.cancellation import cancel_and_wait
 
 _ENCRYPTION_REQUESTS = {80877103, 80877104}  # SSLRequest, GSSENCRequest
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from dispatcher.app import App
-from dispatcher.job import Job
+from dispatcher.core.app import App
+from dispatcher.services.job import Job
 
 app = App(concurrency=200)
 

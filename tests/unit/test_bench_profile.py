@@ -8,16 +8,16 @@ from pathlib import Path
 from bench.profile import short, summarize
 
 SITE = "/app/.venv/lib/python3.11/site-packages"
+MAIN = "main (/app/dispatcher/cli/main.py:10)"
+DISPATCH = "/app/dispatcher/services/dispatch.py"
 
 
 def test_summary_counts_self_and_inclusive_shares(tmp_path: Path) -> None:
     raw = tmp_path / "profile.raw"
     raw.write_text(
-        f"main (/app/dispatcher/cli.py:10);run_once (/app/dispatcher/dispatch.py:305);"
-        f"fetch ({SITE}/asyncpg/connection.py:690) 6\n"
-        f"main (/app/dispatcher/cli.py:10);_start (/app/dispatcher/dispatch.py:382);"
-        f"observe ({SITE}/prometheus_client/metrics.py:678) 3\n"
-        "main (/app/dispatcher/cli.py:10);_start (/app/dispatcher/dispatch.py:370) 1\n"
+        f"{MAIN};run_once ({DISPATCH}:305);fetch ({SITE}/asyncpg/connection.py:690) 6\n"
+        f"{MAIN};_start ({DISPATCH}:382);observe ({SITE}/prometheus_client/metrics.py:678) 3\n"
+        f"{MAIN};_start ({DISPATCH}:370) 1\n"
         "not a sample line\n"
     )
     summary = summarize(raw)
@@ -25,9 +25,9 @@ def test_summary_counts_self_and_inclusive_shares(tmp_path: Path) -> None:
     own, inclusive = summary.split("inclusive, dispatcher code")
     assert "60.0%  fetch (asyncpg/connection.py)" in own
     assert "30.0%  observe (prometheus_client/metrics.py)" in own
-    assert "10.0%  _start (dispatcher/dispatch.py)" in own
-    assert "100.0%  main (dispatcher/cli.py)" in inclusive
-    assert "40.0%  _start (dispatcher/dispatch.py)" in inclusive
+    assert "10.0%  _start (dispatcher/services/dispatch.py)" in own
+    assert "100.0%  main (dispatcher/cli/main.py)" in inclusive
+    assert "40.0%  _start (dispatcher/services/dispatch.py)" in inclusive
     assert "asyncpg" not in inclusive
 
 

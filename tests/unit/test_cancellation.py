@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from dispatcher.cancellation import awaiting, cancel_and_wait, wait_for_event
+from dispatcher.core.cancellation import awaiting, cancel_and_wait, wait_for_event
 
 
 async def test_returns_true_once_the_event_is_set() -> None:

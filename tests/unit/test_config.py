@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.config import load_settings, parse_duration
-from dispatcher.errors import ConfigError
+from dispatcher.core.config import load_settings, parse_duration
+from dispatcher.core.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_every_setting_is_documented() -> None:
     import dataclasses
     from pathlib import Path
 
-    from dispatcher.config import Settings, env_name
+    from dispatcher.core.config import Settings, env_name
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
     missing = [

@@ -9,10 +9,16 @@ from typing import Any
 import pytest
 
 from dispatcher import PermanentError, RetryAfter, Snooze
-from dispatcher.app import App
-from dispatcher.executor import Attempt, CancelReason, OutcomeKind, run_attempt, thread_pool
-from dispatcher.job import Job
-from dispatcher.retry import RetryPolicy
+from dispatcher.core.app import App
+from dispatcher.core.retry import RetryPolicy
+from dispatcher.services.executor import (
+    Attempt,
+    CancelReason,
+    OutcomeKind,
+    run_attempt,
+    thread_pool,
+)
+from dispatcher.services.job import Job
 
 
 def attempt_of(

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from dispatcher.errors import InvalidJob
-from dispatcher.jobs import JobStatus, encode_json, new_job_values
-from dispatcher.producer import prepare_bulk
+from dispatcher.core.errors import InvalidJob
+from dispatcher.core.records import JobStatus, encode_json, new_job_values
+from dispatcher.producers.plans import prepare_bulk
 
 
 def test_defaults() -> None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.errors import ConfigError
-from dispatcher.queries import (
+from dispatcher.core.errors import ConfigError
+from dispatcher.core.queries import (
     for_psycopg,
     parse_named_queries,
     psycopg_params,
     queries_for,
 )
-from dispatcher.schema import SchemaNames, validate_schema_name
+from dispatcher.core.schema import SchemaNames, validate_schema_name
 
 
 def test_parse_named_queries_splits_on_headers() -> None:

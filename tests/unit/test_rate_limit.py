@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dispatcher.app import RateLimit
-from dispatcher.rate_limit import RateWindows
+from dispatcher.core.app import RateLimit
+from dispatcher.services.rate_limit import RateWindows
 
 
 def test_budget_shrinks_with_starts_and_recovers_as_they_age_out() -> None:

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from dispatcher.app import App, load_app
-from dispatcher.errors import DispatcherError
-from dispatcher.retry import RetryPolicy
+from dispatcher.core.app import App, load_app
+from dispatcher.core.errors import DispatcherError
+from dispatcher.core.retry import RetryPolicy
 
 
 def test_backoff_ceiling_doubles_up_to_the_cap() -> None:

@@ -20,7 +20,7 @@ import kubernetes_validate
 import promql_parser
 import yaml
 
-from dispatcher.metrics import Metrics
+from dispatcher.core.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[3]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -338,7 +338,7 @@ def vector_selectors(expr: str) -> list[promql_parser.VectorSelector]:
 
 
 def unknown_metric_names(expr: str, external: AbstractSet[str] = frozenset()) -> set[str]:
-    """Names in ``expr`` that are neither exposed by dispatcher.metrics nor in
+    """Names in ``expr`` that are neither exposed by dispatcher.core.metrics nor in
     ``external``: a typo in a dispatcher_* name always lands here."""
     exposed = Metrics().exposed_names()
     return {

@@ -27,7 +27,7 @@ from tests.unit.deploy.support import (
 # A tag naming the variant: python:3.11-slim-bookworm, optionally with a digest.
 SLIM_TAG = re.compile(r"[\w./-]+:[\w.-]*slim[\w.-]*(@sha256:[0-9a-f]{64})?")
 SHOW_SQL = (
-    "from dispatcher.queries import sql_dir; "
+    "from dispatcher.core.queries import sql_dir; "
     "print(sql_dir(), *sorted(p.name for p in sql_dir().glob('*.sql')))"
 )
 COMPILERS = re.compile(r"\b(gcc|g\+\+|cc|clang|make|build-essential|python3?-dev)\b")

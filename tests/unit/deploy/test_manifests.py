@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 
-from dispatcher.api import build_api
-from dispatcher.config import Settings, env_name, load_settings
-from dispatcher.metrics import Metrics
+from dispatcher.core.config import Settings, env_name, load_settings
+from dispatcher.core.metrics import Metrics
+from dispatcher.http.api import build_api
 from dispatcher.runtime import POOL_CLOSE_TIMEOUT
 from tests.unit.deploy.support import (
     BASE,

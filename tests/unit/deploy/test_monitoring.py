@@ -14,12 +14,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher import examples
-from dispatcher.dispatch import Dispatcher
-from dispatcher.metrics import WAKEUP_SOURCES, Metrics
-from dispatcher.queue_stats import export_queue_depth
+from dispatcher.core.metrics import WAKEUP_SOURCES, Metrics
 from dispatcher.runtime import VERSION
-from dispatcher.slots import Slots
-from dispatcher.wakeup import Wakeup
+from dispatcher.services.dispatch import Dispatcher
+from dispatcher.services.queue_stats import export_queue_depth
+from dispatcher.services.slots import Slots
+from dispatcher.services.wakeup import Wakeup
 from tests.unit.deploy.support import (
     ALERTS,
     DASHBOARD,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-from dispatcher.config import Settings
-from dispatcher.reaper import PRUNE_BATCH, PRUNE_BATCHES_PER_PASS
+from dispatcher.core.config import Settings
+from dispatcher.services.reaper import PRUNE_BATCH, PRUNE_BATCHES_PER_PASS
 from tests.unit.deploy.support import (
     ALERTS,
     BASE,

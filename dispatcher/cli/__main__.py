@@ -1,0 +1,5 @@
+"""``python -m dispatcher.cli``: the command line."""
+
+from dispatcher.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""Named SQL queries, loaded from the .sql files under ``sql/``.
+
+``sql/queries.sql`` holds every runtime statement under a ``-- name: <name>`` header
+followed by a one-line ``--`` description. The only templating is ``{{schema}}``,
+replaced by the validated, quoted schema name when the file is loaded; every value
+is a bind parameter (``$1``, ``$2``, ... as asyncpg and Postgres spell them).
+
+psycopg spells bind parameters ``%(name)s``; :func:`for_psycopg` rewrites a query for
+it, so the sync client runs the very same statements.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from dispatcher.core.schema import SchemaNames
+
+_NAME_HEADER = re.compile(r"^-- name: ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+
+
+def sql_dir() -> Path:
+    """The folder holding migrations and named queries.
+
+    Installed from a wheel it is ``dispatcher/sql``; in a checkout (editable install)
+    it is the top-level ``sql/`` next to the package.
+    """
+    packaged = Path(str(resources.files("dispatcher"))) / "sql"
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parents[2] / "sql"
+    if checkout.is_dir():
+        return checkout
+    raise FileNotFoundError(
+        f"dispatcher's sql folder is missing (looked in {packaged}, {checkout})"
+    )
+
+
+def render(text: str, names: SchemaNames) -> str:
+    """Substitute the schema into a SQL text."""
+    return text.replace("{{schema}}", names.quoted)
+
+
+def parse_named_queries(text: str) -> dict[str, str]:
+    """Split a queries file into {name: sql}; a repeated name is an error."""
+    queries: dict[str, str] = {}
+    parts = _NAME_HEADER.split(text)
+    # parts = [preamble, name1, body1, name2, body2, ...]
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if name in queries:
+            raise ValueError(f"query {name!r} is defined twice in queries.sql")
+        queries[name] = body.strip().rstrip(";")
+    return queries
+
+
+class Queries(Mapping[str, str]):
+    """The named queries of one schema. ``queries["claim_jobs"]`` is the SQL text."""
+
+    def __init__(self, queries: dict[str, str]) -> None:
+        self._queries = queries
+
+    def __getitem__(self, name: str) -> str:
+        try:
+            return self._queries[name]
+        except KeyError:
+            known = ", ".join(sorted(self._queries))
+            raise KeyError(f"no query named {name!r} in queries.sql; known: {known}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._queries)
+
+    def __len__(self) -> int:
+        return len(self._queries)
+
+
+@functools.lru_cache(maxsize=64)
+def queries_for(schema: str) -> Queries:
+    """The named queries with ``schema`` substituted (cached per schema)."""
+    names = SchemaNames(schema)
+    text = (sql_dir() / "queries.sql").read_text(encoding="utf-8")
+    return Queries({name: render(sql, names) for name, sql in parse_named_queries(text).items()})
+
+
+@functools.lru_cache(maxsize=256)
+def for_psycopg(sql: str) -> str:
+    """Rewrite ``$n`` placeholders as psycopg's ``%(pn)s`` (and escape literal ``%``)."""
+    return _PLACEHOLDER.sub(r"%(p\1)s", sql.replace("%", "%%"))
+
+
+def psycopg_params(args: Sequence[Any]) -> dict[str, Any]:
+    """Bind values for a query rewritten by :func:`for_psycopg`, in ``$n`` order."""
+    return {f"p{i}": value for i, value in enumerate(args, start=1)}

@@ -1,0 +1,262 @@
+"""What a job is to producers: its statuses, its row, and the checks on a new job.
+
+Bottom layer: imports only errors. Both clients, the HTTP API and the CLI build job
+rows through :func:`new_job_values`, so a bad job is refused the same way everywhere,
+before it reaches the database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dispatcher.core.errors import InvalidJob
+
+MAX_TYPE_LENGTH = 200
+SMALLINT_MIN, SMALLINT_MAX = -32768, 32767
+# The most attempts a job may have (the CHECK constraints of migration 0005 say so too:
+# a claim adds one, and must never overflow).
+MAX_ATTEMPTS = 10_000
+
+
+class JobStatus(enum.StrEnum):
+    """The life of a job: pending → processing → completed | failed | cancelled."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+# One encoder for all: json.dumps builds a new encoder per call when given options.
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+
+
+def encode_json(value: Any, *, what: str) -> str:
+    """JSON text Postgres' jsonb accepts, or InvalidJob naming ``what`` and the reason.
+
+    Refuses NaN/Infinity (not JSON), NUL characters (jsonb cannot store them) and lone
+    surrogates such as a decoded "\\ud800" (not Unicode: no database encoding has them).
+    """
+    try:
+        text = _ENCODER.encode(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidJob(f"{what} is not JSON-serializable: {exc}") from None
+    if "\\u0000" in text:
+        raise InvalidJob(f"{what} contains a NUL character (\\u0000), which jsonb cannot store")
+    check_unicode(text, what=what)
+    return text
+
+
+def check_unicode(text: str, *, what: str) -> None:
+    """InvalidJob unless ``text`` is valid Unicode (no lone surrogates)."""
+    if text.isascii():  # the common case, and O(1) in CPython
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidJob(
+            f"{what} contains a lone surrogate ({text[exc.start]!r} at {exc.start}), "
+            "which is not valid Unicode"
+        ) from None
+
+
+def decode_json(value: Any) -> Any:
+    """A jsonb column as Python: asyncpg and psycopg may hand over text or objects.
+
+    JSON nested deeper than Python's decoder allows (Postgres accepts thousands of
+    levels) comes back as a string saying so, rather than failing the whole read.
+    """
+    if isinstance(value, str | bytes):
+        try:
+            return json.loads(value)
+        except RecursionError:
+            return f"<JSON nested too deeply to decode here ({len(value)} bytes)>"
+    return value
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated job, ready to bind into insert_job's parameters."""
+
+    type: str
+    payload_json: str
+    priority: int
+    max_attempts: int | None
+    run_at: dt.datetime | None
+    run_in: dt.timedelta | None
+    timeout: float | None
+    unique_key: str | None
+    cache_ttl: float | None = None
+
+    def insert_args(self) -> tuple[Any, ...]:
+        """Values for $1..$8 of insert_job / insert_job_unique."""
+        return (
+            self.type,
+            self.payload_json,
+            self.priority,
+            self.max_attempts,
+            self.run_at,
+            self.run_in,
+            self.timeout,
+            self.unique_key,
+        )
+
+
+def new_job_values(
+    type: str,
+    payload: Any = None,
+    *,
+    priority: int = 0,
+    run_at: dt.datetime | dt.timedelta | None = None,
+    max_attempts: int | None = None,
+    timeout: float | None = None,
+    unique_key: str | None = None,
+    cache_ttl: float | None = None,
+) -> NewJob:
+    """Check a job's fields; raise InvalidJob naming the first bad one.
+
+    ``run_at`` is an aware datetime, or a timedelta counted from the database's
+    ``now()`` (never this machine's clock). ``payload`` defaults to ``{}``.
+    """
+    if not isinstance(type, str) or not type.strip():
+        raise InvalidJob("type must be a non-empty string")
+    if len(type) > MAX_TYPE_LENGTH:
+        raise InvalidJob(f"type must be at most {MAX_TYPE_LENGTH} characters, got {len(type)}")
+    if "\x00" in type:
+        raise InvalidJob("type must not contain NUL characters")
+    check_unicode(type, what="type")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidJob(f"priority must be an integer, got {priority!r}")
+    if not SMALLINT_MIN <= priority <= SMALLINT_MAX:
+        raise InvalidJob(
+            f"priority must be between {SMALLINT_MIN} and {SMALLINT_MAX}, got {priority}"
+        )
+    if max_attempts is not None:
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
+            raise InvalidJob(f"max_attempts must be an integer, got {max_attempts!r}")
+        if not 1 <= max_attempts <= MAX_ATTEMPTS:
+            raise InvalidJob(f"max_attempts must be 1 to {MAX_ATTEMPTS}, got {max_attempts}")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise InvalidJob(f"timeout must be a number of seconds, got {timeout!r}")
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise InvalidJob(f"timeout must be a positive number of seconds, got {timeout}")
+    if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
+        raise InvalidJob("unique_key must be a non-empty string or None")
+    if unique_key is not None and "\x00" in unique_key:
+        raise InvalidJob("unique_key must not contain NUL characters")
+    if unique_key is not None:
+        check_unicode(unique_key, what="unique_key")
+    if cache_ttl is not None:
+        if isinstance(cache_ttl, bool) or not isinstance(cache_ttl, int | float):
+            raise InvalidJob(f"cache_ttl must be a number of seconds, got {cache_ttl!r}")
+        if not (cache_ttl > 0 and math.isfinite(cache_ttl)):
+            raise InvalidJob(f"cache_ttl must be a positive number of seconds, got {cache_ttl}")
+        if unique_key is None:
+            raise InvalidJob("cache_ttl needs a unique_key: the cache is looked up by it")
+    absolute: dt.datetime | None = None
+    relative: dt.timedelta | None = None
+    if isinstance(run_at, dt.datetime):
+        if run_at.tzinfo is None:
+            raise InvalidJob("run_at must be timezone-aware (e.g. datetime.now(timezone.utc))")
+        absolute = run_at
+    elif isinstance(run_at, dt.timedelta):
+        relative = run_at
+    elif run_at is not None:
+        raise InvalidJob(f"run_at must be a datetime, a timedelta or None, got {run_at!r}")
+    return NewJob(
+        type=type,
+        payload_json=encode_json({} if payload is None else payload, what="payload"),
+        priority=priority,
+        max_attempts=max_attempts,
+        run_at=absolute,
+        run_in=relative,
+        timeout=None if timeout is None else float(timeout),
+        unique_key=unique_key,
+        cache_ttl=None if cache_ttl is None else float(cache_ttl),
+    )
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A row of the jobs table, as producers and operators see it."""
+
+    id: int
+    type: str
+    payload: Any
+    status: JobStatus
+    priority: int
+    run_at: dt.datetime
+    attempts: int
+    max_attempts: int | None
+    timeout: float | None
+    unique_key: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    heartbeat_at: dt.datetime | None
+    owner: str | None
+    term: int | None
+    progress: dict[str, Any] | None
+    result: Any
+    last_error: str | None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    cancel_requested: bool = False
+    # Set by enqueue when an active job with the same unique_key already existed and
+    # was returned instead of a new one.
+    duplicate: bool = False
+    # Set by enqueue(cache_ttl=...) when a recently completed job with the same
+    # unique_key was returned (with its result) instead of running it again.
+    cached: bool = False
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> JobRecord:
+        """Build from a jobs row (asyncpg Record or psycopg dict row)."""
+        return cls(
+            id=row["id"],
+            type=row["type"],
+            payload=decode_json(row["payload"]),
+            status=JobStatus(row["status"]),
+            priority=row["priority"],
+            run_at=row["run_at"],
+            attempts=row["attempts"],
+            max_attempts=row["max_attempts"],
+            timeout=row["timeout"],
+            unique_key=row["unique_key"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            heartbeat_at=row["heartbeat_at"],
+            owner=row["owner"],
+            term=row["term"],
+            progress=decode_json(row["progress"]),
+            result=decode_json(row["result"]),
+            last_error=row["last_error"],
+            errors=decode_json(row["errors"]),
+            cancel_requested=row["cancel_requested"],
+            duplicate=bool(row.get("duplicate", False)),
+            cached=bool(row.get("cached", False)),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (timestamps as ISO 8601)."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, dt.datetime):
+                value = value.isoformat()
+            elif isinstance(value, JobStatus):
+                value = value.value
+            out[name] = value
+        return out

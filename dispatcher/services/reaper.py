@@ -1,0 +1,170 @@
+"""The leader's housekeeping: rescue jobs whose owner died; fail jobs nobody can run.
+
+* Rescue: a processing job not heartbeated for ``stale_after`` lost its owner (crash,
+  partition, pause). Its attempt is recorded as failed ("stale: owner stopped
+  heartbeating"), then it is retried with the type's backoff, or failed when out of
+  attempts.
+* Unknown types: a pending job of a type no live replica has an executor for stays
+  pending (a newer replica may bring it during a rolling deploy); once due for longer
+  than the grace period it fails with "no executor registered for type 'x'".
+* Retention: completed and cancelled jobs are deleted ``retention_completed`` after
+  they finished, failed ones ``retention_failed`` after. Deletes go oldest first, in
+  batches of PRUNE_BATCH rows, resting after each as long as it took, and a pass
+  stops after PRUNE_BATCHES_PER_PASS batches: no long locks, no bloat storm, and the
+  claim loop (which touches only pending rows) never waits on them.
+
+Each pass works in bounded batches and runs only while this replica leads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from dispatcher.core.app import App
+from dispatcher.core.database_errors import describe
+from dispatcher.core.log import get_logger
+from dispatcher.core.metrics import Metrics, Service
+from dispatcher.core.queries import queries_for
+
+BATCH = 1000
+PRUNE_BATCH = 2000
+PRUNE_BATCHES_PER_PASS = 50
+PRUNE_PAUSE = 0.01
+
+
+@dataclass
+class ReapReport:
+    """What one pass did: (job id, type, new status) per rescued job, ids failed."""
+
+    rescued: list[tuple[int, str, str]] = field(default_factory=list)
+    without_executor: list[int] = field(default_factory=list)
+    pruned: int = 0
+
+
+class Reaper:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        schema: str,
+        app: App,
+        *,
+        stale_after: float,
+        interval: float,
+        replica_seen_within: float,
+        unknown_type_grace: float | None = None,
+        retention_completed: float = 86400.0,
+        retention_failed: float = 14 * 86400.0,
+        metrics: Metrics | None = None,
+        log: Any = None,
+    ) -> None:
+        self._pool = pool
+        self._queries = queries_for(schema)
+        self._app = app
+        self._stale_after = stale_after
+        self._interval = interval
+        self._replica_seen_within = replica_seen_within
+        self._grace = (
+            unknown_type_grace if unknown_type_grace is not None else app.unknown_type_grace
+        )
+        self._retention = (
+            (["completed", "cancelled"], retention_completed),
+            (["failed"], retention_failed),
+        )
+        self._metrics = metrics
+        self._log = log or get_logger("reaper")
+
+    async def run(self) -> None:
+        """Reap every ``interval`` (the runtime runs this only while leading)."""
+        while True:
+            try:
+                await self.run_once()
+            except Exception as exc:
+                if self._metrics is not None:
+                    self._metrics.database_errors.labels(Service.REAPER).inc()
+                self._log.warning("reaper_failed", error=describe(exc))
+            await asyncio.sleep(self._interval)
+
+    async def run_once(self) -> ReapReport:
+        report = ReapReport()
+        while True:
+            rescued = await self.rescue_stale()
+            report.rescued.extend(rescued)
+            if len(rescued) < BATCH:
+                break
+        while True:
+            failed = await self.fail_without_executor()
+            report.without_executor.extend(failed)
+            if len(failed) < BATCH:
+                break
+        report.pruned = await self.prune_finished()
+        if self._metrics is not None:
+            self._metrics.reaper_runs.inc()
+        return report
+
+    async def rescue_stale(self) -> list[tuple[int, str, str]]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            stale = await conn.fetch(self._queries["stale_jobs"], self._stale_after, BATCH)
+            if not stale:
+                return []
+            ids, delays, retries, errors = [], [], [], []
+            for row in stale:
+                spec = self._app.executors.get(row["type"])
+                policy = spec.retry if spec else self._app.retry
+                max_attempts = row["max_attempts"] or (
+                    spec.max_attempts if spec else self._app.max_attempts
+                )
+                ids.append(row["id"])
+                retries.append(row["attempts"] < max_attempts)
+                delays.append(policy.delay(row["attempts"]))
+                errors.append(row["error"])
+            rows = await conn.fetch(self._queries["rescue_jobs"], ids, delays, retries, errors)
+        rescued = [(row["id"], row["type"], row["status"]) for row in rows]
+        for job_id, type_, status in rescued:
+            self._log.warning("job_rescued", job_id=job_id, type=type_, status=status)
+            if self._metrics is not None:
+                self._metrics.jobs_rescued.labels(type_).inc()
+                if status == "failed":
+                    self._metrics.jobs_failed.labels(type_).inc()
+        return rescued
+
+    async def prune_finished(self) -> int:
+        """Delete finished jobs past their retention; returns how many."""
+        total = 0
+        for statuses, retention in self._retention:
+            for _ in range(PRUNE_BATCHES_PER_PASS):
+                started = time.monotonic()
+                async with self._pool.acquire() as conn:
+                    deleted = await conn.fetchval(
+                        self._queries["prune_finished_jobs"], statuses, retention, PRUNE_BATCH
+                    )
+                total += deleted
+                if deleted < PRUNE_BATCH:
+                    break
+                # Rest as long as the batch took: pruning never takes more than half
+                # of the database's time from the jobs being run.
+                await asyncio.sleep(max(PRUNE_PAUSE, time.monotonic() - started))
+        if total:
+            self._log.info("jobs_pruned", jobs=total)
+            if self._metrics is not None:
+                self._metrics.jobs_pruned.inc(total)
+        return total
+
+    async def fail_without_executor(self) -> list[int]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                self._queries["fail_jobs_without_executor"],
+                BATCH,
+                self._grace,
+                self._replica_seen_within,
+                sorted(self._app.executors),
+            )
+        for row in rows:
+            self._log.warning("job_failed_without_executor", job_id=row["id"], type=row["type"])
+            if self._metrics is not None:
+                self._metrics.jobs_failed.labels(row["type"]).inc()
+        return [row["id"] for row in rows]
