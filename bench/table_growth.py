@@ -80,7 +80,18 @@ async def claims_while_pruning(db: Database, finished: int) -> tuple[list[float]
         while not pruning.done():
             t0 = time.perf_counter()
             rows = await conn.fetch(
-                q["claim_jobs"], term, owner, ["demo.noop"], [250], 250, [5], [None], 1
+                q["claim_jobs"],
+                term,
+                owner,
+                ["demo.noop"],
+                [250],
+                250,
+                [5],
+                [None],
+                1,
+                None,
+                None,
+                None,  # cluster and rate limits: counted by the leader
             )
             durations.append((time.perf_counter() - t0) * 1000)
             ids = [r["id"] for r in rows]

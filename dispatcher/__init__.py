@@ -18,22 +18,25 @@ from dispatcher.core.errors import (
     SchemaNotReady,
     Snooze,
 )
-from dispatcher.core.records import JobRecord, JobStatus
+from dispatcher.core.records import BulkOptions, EnqueueOptions, JobRecord, JobStatus
 from dispatcher.core.retry import RetryPolicy
+from dispatcher.core.version import VERSION
 from dispatcher.producers.async_client import AsyncClient
 from dispatcher.producers.client import Client
 from dispatcher.producers.plans import ClusterStatus, JobType
 from dispatcher.services.job import Job
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "App",
     "AsyncClient",
+    "BulkOptions",
     "Client",
     "ClusterStatus",
     "ConfigError",
     "DispatcherError",
+    "EnqueueOptions",
     "InvalidArgument",
     "InvalidJob",
     "InvalidTransition",

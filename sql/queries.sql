@@ -242,25 +242,72 @@ ORDER BY started_at, id;
 -- ---------------------------------------------------------------------------------
 
 -- name: claim_jobs
--- Claim due pending jobs for owner $2 under leader term $1: per type $3[i] at most
--- $4[i] jobs, at most $5 in all, in priority, run_at, id order. Fenced: nothing is
--- claimed unless term $1 and holder $2 still lead; the leader row is share-locked so
--- a new election waits for this claim to commit, then counts its jobs as running.
--- Also fenced by claim number $8 (see revoke_claims): the owner's replica row is
--- key-share-locked, so a revocation waits for this claim, or this claim for it.
--- max_attempts and timeout left NULL on the row take the executor's $6[i] and $7[i].
--- Due jobs are found priority by priority (see claim_priorities below), so jobs
--- scheduled later at a better priority are never walked.
-WITH RECURSIVE fence AS MATERIALIZED (
-    SELECT l.term
-    FROM {{schema}}.leader l
-    JOIN {{schema}}.replicas r ON r.id = $2 AND r.claims_revoked_before <= $8
-    WHERE l.term = $1 AND l.holder = $2
-    FOR SHARE OF l FOR KEY SHARE OF r
+-- Claim due pending jobs for owner $2: per type $3[i] at most $4[i] jobs, at most $5 in
+-- all, in priority, run_at, id order; max_attempts and timeout left NULL on the row take
+-- the executor's $6[i] and $7[i]. Fenced by claim number $8 (see revoke_claims): the
+-- owner's replica row is key-share-locked, so a revocation waits for this claim, or
+-- this claim for it.
+-- Leader mode, $1 the term: nothing is claimed unless term $1 and holder $2 still
+-- lead; the leader row is share-locked, so a new election waits for this claim to
+-- commit, then counts its jobs as running.
+-- Worker mode, $1 NULL: never beyond cluster limit $9[i] counting jobs processing
+-- anywhere, nor beyond $10[i] starts per $11[i] seconds counting starts anywhere (NULL
+-- arrays or elements: no such limit; the leader counts its limits itself). Run after
+-- lock_types, in the same transaction, so the counts see every claim committed before.
+-- Times are the statement's: a worker's lock wait comes before it. Due jobs are found
+-- priority by priority, so jobs scheduled later at a better priority are never walked.
+WITH RECURSIVE leader_fence AS MATERIALIZED (
+    SELECT term FROM {{schema}}.leader
+    WHERE $1::bigint IS NOT NULL AND term = $1 AND holder = $2
+    FOR SHARE
+),
+fence AS MATERIALIZED (
+    SELECT r.id FROM {{schema}}.replicas r
+    WHERE r.id = $2 AND r.claims_revoked_before <= $8
+      AND ($1::bigint IS NULL OR EXISTS (SELECT 1 FROM leader_fence))
+    FOR KEY SHARE
+),
+limits AS (
+    SELECT * FROM unnest($3::text[], $4::integer[], $6::integer[], $7::double precision[],
+                         $9::integer[], $10::integer[], $11::double precision[])
+        AS c(type, free, max_attempts, timeout, cluster_limit, rate_starts, rate_per)
+),
+running AS (
+    SELECT type, count(*)::integer AS n
+    FROM {{schema}}.jobs
+    WHERE status = 'processing'
+      AND type = ANY(ARRAY(SELECT type FROM limits WHERE cluster_limit IS NOT NULL))
+    GROUP BY type
+),
+started AS (
+    SELECT l.type, (
+        SELECT count(*)::integer FROM (
+            SELECT 1 FROM {{schema}}.jobs
+            WHERE status = 'processing' AND type = l.type
+              AND started_at > statement_timestamp() - make_interval(secs => l.rate_per)
+            UNION ALL
+            SELECT 1 FROM {{schema}}.jobs
+            WHERE status IN ('completed', 'failed', 'cancelled') AND type = l.type
+              AND finished_at > statement_timestamp() - make_interval(secs => l.rate_per)
+              AND started_at > statement_timestamp() - make_interval(secs => l.rate_per)
+            UNION ALL
+            SELECT 1 FROM {{schema}}.jobs
+            WHERE status = 'pending' AND type = l.type
+              AND started_at > statement_timestamp() - make_interval(secs => l.rate_per)
+        ) AS recent
+    ) AS n
+    FROM limits l
+    WHERE l.rate_starts IS NOT NULL
 ),
 capacity AS (
-    SELECT * FROM unnest($3::text[], $4::integer[], $6::integer[], $7::double precision[])
-        AS c(type, free, max_attempts, timeout)
+    SELECT l.type,
+           least(l.free,
+                 coalesce(l.cluster_limit - coalesce(r.n, 0), l.free),
+                 coalesce(l.rate_starts - s.n, l.free)) AS free,
+           l.max_attempts, l.timeout
+    FROM limits l
+    LEFT JOIN running r ON r.type = l.type
+    LEFT JOIN started s ON s.type = l.type
 ),
 -- Per type, each priority its pending jobs have: a loose scan of the claim index (one
 -- probe per priority, however many jobs wait at it).
@@ -269,6 +316,7 @@ priorities AS (
         SELECT min(priority) FROM {{schema}}.jobs WHERE status = 'pending' AND type = c.type
     ) AS priority
     FROM capacity c
+    WHERE c.free > 0
     UNION ALL
     SELECT p.type, (
         SELECT min(priority) FROM {{schema}}.jobs
@@ -288,14 +336,14 @@ picked AS MATERIALIZED (
             SELECT id, priority, run_at
             FROM {{schema}}.jobs
             WHERE status = 'pending' AND type = p.type AND priority = p.priority
-              AND run_at <= now()
+              AND run_at <= statement_timestamp()
             ORDER BY run_at, id
             LIMIT capacity.free
             FOR UPDATE SKIP LOCKED
         ) due
         WHERE p.type = capacity.type AND p.priority IS NOT NULL
         ORDER BY due.priority, due.run_at, due.id
-        LIMIT capacity.free
+        LIMIT greatest(capacity.free, 0)
     ) j
     -- A pause takes effect at the next claim, whoever has heard of it yet.
     WHERE NOT EXISTS (
@@ -307,8 +355,8 @@ picked AS MATERIALIZED (
 UPDATE {{schema}}.jobs j SET
     status = 'processing',
     attempts = j.attempts + 1,
-    started_at = now(),
-    heartbeat_at = now(),
+    started_at = statement_timestamp(),
+    heartbeat_at = statement_timestamp(),
     owner = $2,
     term = $1,
     progress = NULL,
@@ -319,7 +367,6 @@ WHERE j.id = picked.id
 RETURNING j.id, j.type, j.payload::text AS payload, j.attempts, j.max_attempts, j.timeout,
           greatest(extract(epoch FROM j.started_at - j.run_at), 0)::double precision AS waited,
           j.cancel_requested;
-
 -- name: complete_jobs
 -- Write a batch of attempt outcomes for owner $1 (group commit). Per job: id $2[i],
 -- attempt $3[i], outcome $4[i] (completed, failed, cancelled; retry: a failed attempt
@@ -910,111 +957,3 @@ SELECT now();
 SELECT count(pg_advisory_xact_lock(hashtextextended('dispatcher:type:' || $2 || ':' || t, 0)))
 FROM (SELECT t FROM unnest($1::text[]) AS t ORDER BY t) AS ordered;
 
--- name: claim_jobs_worker
--- Worker-mode claim for owner $1: per type $2[i] at most $3[i] jobs (this replica's
--- free capacity), never beyond cluster limit $4[i] counting jobs processing anywhere
--- (NULL: no cluster limit), nor beyond $8[i] starts per $9[i] seconds counting starts
--- anywhere (NULL: no rate limit); at most $5 in all. Run after lock_types, in the same
--- transaction, so the counts see every claim committed before ours. Times are the
--- statement's, not the transaction's: the lock wait comes before the claim. Fenced by
--- claim number $10 as claim_jobs is, and finds due jobs priority by priority as it does.
-WITH RECURSIVE fence AS MATERIALIZED (
-    SELECT r.id FROM {{schema}}.replicas r
-    WHERE r.id = $1 AND r.claims_revoked_before <= $10
-    FOR KEY SHARE
-),
-running AS (
-    SELECT type, count(*)::integer AS n
-    FROM {{schema}}.jobs
-    WHERE status = 'processing' AND type = ANY($2::text[])
-    GROUP BY type
-),
-limits AS (
-    SELECT * FROM unnest($2::text[], $3::integer[], $4::integer[], $6::integer[],
-                         $7::double precision[], $8::integer[], $9::double precision[])
-        AS c(type, free, cluster_limit, max_attempts, timeout, rate_starts, rate_per)
-),
-started AS (
-    SELECT l.type, (
-        SELECT count(*)::integer FROM (
-            SELECT 1 FROM {{schema}}.jobs
-            WHERE status = 'processing' AND type = l.type
-              AND started_at > now() - make_interval(secs => l.rate_per)
-            UNION ALL
-            SELECT 1 FROM {{schema}}.jobs
-            WHERE status IN ('completed', 'failed', 'cancelled') AND type = l.type
-              AND finished_at > now() - make_interval(secs => l.rate_per)
-              AND started_at > now() - make_interval(secs => l.rate_per)
-            UNION ALL
-            SELECT 1 FROM {{schema}}.jobs
-            WHERE status = 'pending' AND type = l.type
-              AND started_at > now() - make_interval(secs => l.rate_per)
-        ) AS recent
-    ) AS n
-    FROM limits l
-    WHERE l.rate_starts IS NOT NULL
-),
-capacity AS (
-    SELECT l.type,
-           least(l.free,
-                 coalesce(l.cluster_limit - coalesce(r.n, 0), l.free),
-                 coalesce(l.rate_starts - s.n, l.free)) AS free,
-           l.max_attempts, l.timeout
-    FROM limits l
-    LEFT JOIN running r ON r.type = l.type
-    LEFT JOIN started s ON s.type = l.type
-),
-priorities AS (
-    SELECT c.type, (
-        SELECT min(priority) FROM {{schema}}.jobs WHERE status = 'pending' AND type = c.type
-    ) AS priority
-    FROM capacity c
-    WHERE c.free > 0
-    UNION ALL
-    SELECT p.type, (
-        SELECT min(priority) FROM {{schema}}.jobs
-        WHERE status = 'pending' AND type = p.type AND priority > p.priority
-    )
-    FROM priorities p
-    WHERE p.priority IS NOT NULL
-),
-picked AS MATERIALIZED (
-    SELECT j.id, capacity.max_attempts, capacity.timeout
-    FROM fence, capacity
-    CROSS JOIN LATERAL (
-        SELECT due.id, due.priority, due.run_at
-        FROM priorities p
-        CROSS JOIN LATERAL (
-            SELECT id, priority, run_at
-            FROM {{schema}}.jobs
-            WHERE status = 'pending' AND type = p.type AND priority = p.priority
-              AND run_at <= statement_timestamp()
-            ORDER BY run_at, id
-            LIMIT capacity.free
-            FOR UPDATE SKIP LOCKED
-        ) due
-        WHERE p.type = capacity.type AND p.priority IS NOT NULL
-        ORDER BY due.priority, due.run_at, due.id
-        LIMIT greatest(capacity.free, 0)
-    ) j
-    WHERE NOT EXISTS (
-        SELECT 1 FROM {{schema}}.job_types t WHERE t.type = capacity.type AND t.paused
-    )
-    ORDER BY j.priority, j.run_at, j.id
-    LIMIT $5
-)
-UPDATE {{schema}}.jobs j SET
-    status = 'processing',
-    attempts = j.attempts + 1,
-    started_at = statement_timestamp(),
-    heartbeat_at = statement_timestamp(),
-    owner = $1,
-    term = NULL,
-    progress = NULL,
-    max_attempts = coalesce(j.max_attempts, picked.max_attempts),
-    timeout = coalesce(j.timeout, picked.timeout)
-FROM picked
-WHERE j.id = picked.id
-RETURNING j.id, j.type, j.payload::text AS payload, j.attempts, j.max_attempts, j.timeout,
-          greatest(extract(epoch FROM j.started_at - j.run_at), 0)::double precision AS waited,
-          j.cancel_requested;

@@ -241,13 +241,36 @@ class App:
 
         return register
 
-    def limit_of(self, type: str) -> int:
-        """The effective concurrency limit of ``type`` (never above the global one)."""
-        spec = self.executors[type]
-        return min(spec.concurrency or self.concurrency, self.concurrency)
+    def limits(self, concurrency: int | None = None) -> Limits:
+        """The limits a replica applies: the global one (``concurrency``, e.g.
+        DISPATCHER_CONCURRENCY, else the App's) and each type's, never above it."""
+        global_limit = concurrency or self.concurrency
+        per_type = {
+            type_: min(spec.concurrency or global_limit, global_limit)
+            for type_, spec in sorted(self.executors.items())
+        }
+        sync = [per_type[t] for t, spec in self.executors.items() if not spec.is_async]
+        return Limits(global_limit, per_type, min(global_limit, sum(sync)) if sync else 1)
 
-    def describe_types(self) -> str:
-        return ", ".join(sorted(self.executors)) or "(none)"
+    def retry_for(self, type_: str) -> tuple[RetryPolicy, int]:
+        """The retry policy and max_attempts of ``type_`` (the App's defaults for a
+        type it has no executor for); a job row's own max_attempts wins over the
+        latter."""
+        spec = self.executors.get(type_)
+        if spec is None:
+            return self.retry, self.max_attempts
+        return spec.retry, spec.max_attempts
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A replica's concurrency limits: ``global_limit`` running jobs in all,
+    ``per_type[t]`` of type t, and ``sync_threads`` threads for its plain def
+    executors (they can never need more)."""
+
+    global_limit: int
+    per_type: dict[str, int]
+    sync_threads: int
 
 
 def load_app(target: str) -> App:

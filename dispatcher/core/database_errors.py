@@ -25,6 +25,11 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+# Anything a statement can raise when the database, or the connection to it, cannot be
+# trusted right now: the connection errors, and whatever the server refused.
+DATABASE_TROUBLE: tuple[type[Exception], ...] = (asyncpg.PostgresError, *CONNECTION_ERRORS)
+
+
 def is_transient(exc: BaseException) -> bool:
     """True if retrying the same statement later may well succeed."""
     if isinstance(exc, CONNECTION_ERRORS):

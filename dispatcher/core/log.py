@@ -13,6 +13,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS["error"] = logging.ERROR
@@ -57,6 +58,11 @@ def _keep_exc_info(_logger: Any, _name: str, event: MutableMapping[str, Any]) ->
     return event
 
 
-def get_logger(service: str, **fields: Any) -> Any:
+# What every logger of the package is: structlog's, filtered by level at configure().
+Logger = FilteringBoundLogger
+
+
+def get_logger(service: str, **fields: Any) -> Logger:
     """A logger bound to ``service`` (and any other fields)."""
-    return structlog.get_logger().bind(service=service, **fields)
+    logger: Logger = structlog.get_logger().bind(service=service, **fields)
+    return logger

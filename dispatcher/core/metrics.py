@@ -48,8 +48,10 @@ class Service(StrEnum):
     DISPATCH = "dispatch"
     ELECTOR = "elector"
     HEARTBEAT = "heartbeat"
+    PERIODIC = "periodic"
     QUEUE_STATS = "queue_stats"
     REAPER = "reaper"
+    REPLICAS = "replicas"
 
 
 class LeaderEvent(StrEnum):

@@ -11,9 +11,9 @@ import datetime as dt
 import enum
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack, cast
 
 from dispatcher.core.errors import InvalidJob
 
@@ -113,22 +113,68 @@ class NewJob:
         )
 
 
-def new_job_values(
-    type: str,
-    payload: Any = None,
-    *,
-    priority: int = 0,
-    run_at: dt.datetime | dt.timedelta | None = None,
-    max_attempts: int | None = None,
-    timeout: float | None = None,
-    unique_key: str | None = None,
-    cache_ttl: float | None = None,
-) -> NewJob:
+class EnqueueOptions(TypedDict, total=False):
+    """What an enqueue may set beside the type and the payload: the one definition the
+    clients' ``enqueue`` takes (``**options``), and the HTTP API and the CLI describe
+    with :data:`ENQUEUE_OPTION_HELP` (a test keeps every surface in step with it)."""
+
+    priority: int
+    run_at: dt.datetime | dt.timedelta | None
+    max_attempts: int | None
+    timeout: float | None
+    unique_key: str | None
+    cache_ttl: float | None
+
+
+class BulkOptions(TypedDict, total=False):
+    """What ``enqueue_many`` may set for all its jobs (see :class:`EnqueueOptions`);
+    ``unique_keys`` gives one key per payload."""
+
+    priority: int
+    run_at: dt.datetime | dt.timedelta | None
+    max_attempts: int | None
+    timeout: float | None
+    unique_keys: Sequence[str] | None
+
+
+ENQUEUE_OPTION_HELP: dict[str, str] = {
+    "priority": "lower runs first (-32768..32767, default 0)",
+    "run_at": "when it runs: an aware datetime, or a timedelta from the database's now() "
+    "(over HTTP and the CLI: a time with a timezone, or a delay in seconds)",
+    "max_attempts": f"attempts before it fails for good (1..{MAX_ATTEMPTS}; default: "
+    "the executor's)",
+    "timeout": "seconds an attempt may run (default: the executor's)",
+    "unique_key": "while a pending or processing job of the type has this key, that job "
+    "is returned (duplicate) and nothing is inserted; race-free",
+    "cache_ttl": "seconds: a job of the type with this unique_key that completed within "
+    "them is returned (cached, with its result) instead of running it again",
+}
+
+
+def options_of(values: object, *, run_at: dt.datetime | dt.timedelta | None) -> EnqueueOptions:
+    """The enqueue options held as attributes of ``values`` (a request body, parsed
+    command-line arguments: they name them as :class:`EnqueueOptions` does), with
+    ``run_at`` as the caller resolved it."""
+    options = {name: getattr(values, name) for name in EnqueueOptions.__optional_keys__}
+    return cast(EnqueueOptions, {**options, "run_at": run_at})
+
+
+def new_job_values(type: str, payload: Any = None, **options: Unpack[EnqueueOptions]) -> NewJob:
     """Check a job's fields; raise InvalidJob naming the first bad one.
 
     ``run_at`` is an aware datetime, or a timedelta counted from the database's
     ``now()`` (never this machine's clock). ``payload`` defaults to ``{}``.
     """
+    unknown = set(options) - EnqueueOptions.__optional_keys__
+    if unknown:
+        known = ", ".join(sorted(EnqueueOptions.__optional_keys__))
+        raise InvalidJob(f"unknown enqueue option {', '.join(sorted(unknown))}; known: {known}")
+    priority = options.get("priority", 0)
+    run_at = options.get("run_at")
+    max_attempts = options.get("max_attempts")
+    timeout = options.get("timeout")
+    unique_key = options.get("unique_key")
+    cache_ttl = options.get("cache_ttl")
     if not isinstance(type, str) or not type.strip():
         raise InvalidJob("type must be a non-empty string")
     if len(type) > MAX_TYPE_LENGTH:

@@ -7,15 +7,14 @@ or rolls back with your business write.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import asyncpg
 
 from dispatcher.core.queries import queries_for
-from dispatcher.core.records import JobRecord, new_job_values
+from dispatcher.core.records import BulkOptions, EnqueueOptions, JobRecord, new_job_values
 from dispatcher.core.schema import DEFAULT_SCHEMA, validate_schema_name
 from dispatcher.producers.plans import (
     COPY_COLUMNS,
@@ -128,53 +127,25 @@ class AsyncClient:
         type: str,
         payload: Any = None,
         *,
-        priority: int = 0,
-        run_at: dt.datetime | dt.timedelta | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-        unique_key: str | None = None,
-        cache_ttl: float | None = None,
         conn: asyncpg.Connection | None = None,
+        **options: Unpack[EnqueueOptions],
     ) -> JobRecord:
         """Insert one job and return its row; see :meth:`dispatcher.Client.enqueue`."""
-        job = new_job_values(
-            type,
-            payload,
-            priority=priority,
-            run_at=run_at,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            unique_key=unique_key,
-            cache_ttl=cache_ttl,
-        )
-        return await self._run(conn, enqueue_plan(job))
+        return await self._run(conn, enqueue_plan(new_job_values(type, payload, **options)))
 
     async def enqueue_many(
         self,
         type: str,
         payloads: Iterable[Any],
         *,
-        priority: int = 0,
-        run_at: dt.datetime | dt.timedelta | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-        unique_keys: Sequence[str] | None = None,
         conn: asyncpg.Connection | None = None,
+        **options: Unpack[BulkOptions],
     ) -> list[int]:
         """Insert one job of ``type`` per payload with binary COPY; return their ids.
 
         See :meth:`dispatcher.Client.enqueue_many`.
         """
-        bulk = prepare_bulk(
-            type,
-            payloads,
-            priority=priority,
-            run_at=run_at,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            unique_keys=unique_keys,
-        )
-        return await self._run(conn, enqueue_many_plan(bulk))
+        return await self._run(conn, enqueue_many_plan(prepare_bulk(type, payloads, **options)))
 
     async def get(self, job_id: int, *, conn: asyncpg.Connection | None = None) -> JobRecord:
         """The job's current row; JobNotFound if there is none."""

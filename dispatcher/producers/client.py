@@ -7,17 +7,16 @@ write. Without one, the client borrows a pooled connection in autocommit mode.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from dispatcher.core.queries import for_psycopg, psycopg_params, queries_for
-from dispatcher.core.records import JobRecord, new_job_values
+from dispatcher.core.records import BulkOptions, EnqueueOptions, JobRecord, new_job_values
 from dispatcher.core.schema import DEFAULT_SCHEMA, validate_schema_name
 from dispatcher.producers.plans import (
     ClusterStatus,
@@ -141,66 +140,38 @@ class Client:
         type: str,
         payload: Any = None,
         *,
-        priority: int = 0,
-        run_at: dt.datetime | dt.timedelta | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-        unique_key: str | None = None,
-        cache_ttl: float | None = None,
         conn: Connection | None = None,
+        **options: Unpack[EnqueueOptions],
     ) -> JobRecord:
         """Insert one job and return its row.
 
-        ``priority``: lower runs first (-32768..32767). ``run_at``: an aware datetime,
-        or a timedelta from the database's now(). ``max_attempts`` and ``timeout``
-        (seconds) default to the executor's settings. With ``unique_key``, if a pending
-        or processing job of the same type has that key, that job is returned (with
-        ``duplicate=True``) and nothing is inserted; this is race-free. With
-        ``cache_ttl`` (seconds; needs ``unique_key``), a job of the type with that key
-        that completed within the TTL is returned instead (``cached=True``, with its
-        result), so idempotent work runs once. Raises QueueFull when the type has a
-        ``max_pending`` and its queue is full.
+        ``options`` (see :class:`dispatcher.EnqueueOptions`): ``priority`` (lower runs
+        first), ``run_at`` (an aware datetime, or a timedelta from the database's now()),
+        ``max_attempts`` and ``timeout`` (default: the executor's), ``unique_key`` (if a
+        pending or processing job of the type has that key, that job is returned with
+        ``duplicate=True`` and nothing is inserted; race-free), ``cache_ttl`` (seconds;
+        needs ``unique_key``: a job of the type with that key that completed within the
+        TTL is returned instead, ``cached=True`` with its result). Raises QueueFull when
+        the type has a ``max_pending`` and its queue is full.
         """
-        job = new_job_values(
-            type,
-            payload,
-            priority=priority,
-            run_at=run_at,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            unique_key=unique_key,
-            cache_ttl=cache_ttl,
-        )
-        return self._run(conn, enqueue_plan(job))
+        return self._run(conn, enqueue_plan(new_job_values(type, payload, **options)))
 
     def enqueue_many(
         self,
         type: str,
         payloads: Iterable[Any],
         *,
-        priority: int = 0,
-        run_at: dt.datetime | dt.timedelta | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-        unique_keys: Sequence[str] | None = None,
         conn: Connection | None = None,
+        **options: Unpack[BulkOptions],
     ) -> list[int]:
         """Insert one job of ``type`` per payload; return their ids in payload order.
 
-        Written with COPY: two statements whatever the count.
-        With ``unique_keys`` (one per payload), jobs whose key is already active are
-        not inserted and the existing job's id is returned in their place.
+        Written with COPY: two statements whatever the count. ``options`` (see
+        :class:`dispatcher.BulkOptions`) apply to every job; with ``unique_keys`` (one
+        per payload), jobs whose key is already active are not inserted and the existing
+        job's id is returned in their place.
         """
-        bulk = prepare_bulk(
-            type,
-            payloads,
-            priority=priority,
-            run_at=run_at,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            unique_keys=unique_keys,
-        )
-        return self._run(conn, enqueue_many_plan(bulk))
+        return self._run(conn, enqueue_many_plan(prepare_bulk(type, payloads, **options)))
 
     def get(self, job_id: int, *, conn: Connection | None = None) -> JobRecord:
         """The job's current row; JobNotFound if there is none."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from dispatcher.core.errors import (
     DispatcherError,
@@ -22,7 +22,14 @@ from dispatcher.core.errors import (
     JobNotFound,
     QueueFull,
 )
-from dispatcher.core.records import JobRecord, JobStatus, NewJob, encode_json, new_job_values
+from dispatcher.core.records import (
+    BulkOptions,
+    JobRecord,
+    JobStatus,
+    NewJob,
+    encode_json,
+    new_job_values,
+)
 
 T = TypeVar("T")
 
@@ -85,20 +92,23 @@ class BulkJobs:
         )
 
 
-def prepare_bulk(
-    type: str,
-    payloads: Iterable[Any],
-    *,
-    priority: int = 0,
-    run_at: dt.datetime | dt.timedelta | None = None,
-    max_attempts: int | None = None,
-    timeout: float | None = None,
-    unique_keys: Sequence[str] | None = None,
-) -> BulkJobs:
+def prepare_bulk(type: str, payloads: Iterable[Any], **bulk: Unpack[BulkOptions]) -> BulkJobs:
     """Check enqueue_many's arguments once and encode every payload."""
+    unknown = set(bulk) - BulkOptions.__optional_keys__
+    if unknown:
+        known = ", ".join(sorted(BulkOptions.__optional_keys__))
+        raise InvalidJob(
+            f"unknown enqueue_many option {', '.join(sorted(unknown))}; known: {known}"
+        )
     options = new_job_values(
-        type, None, priority=priority, run_at=run_at, max_attempts=max_attempts, timeout=timeout
+        type,
+        None,
+        priority=bulk.get("priority", 0),
+        run_at=bulk.get("run_at"),
+        max_attempts=bulk.get("max_attempts"),
+        timeout=bulk.get("timeout"),
     )
+    unique_keys = bulk.get("unique_keys")
     encoded = _encode_payloads(payloads)
     keys: list[str] | None = None
     if unique_keys is not None:

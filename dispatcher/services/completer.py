@@ -28,8 +28,8 @@ from dispatcher.core.database_errors import describe, is_transient
 from dispatcher.core.log import get_logger
 from dispatcher.core.metrics import Metrics, Service
 from dispatcher.core.queries import queries_for
+from dispatcher.core.retry import backoff_delay
 from dispatcher.services.executor import Outcome, OutcomeKind
-from dispatcher.services.notifier import backoff_delay
 
 # The status written per (job id, attempt); fenced attempts are absent.
 Written = dict[tuple[int, int], str]
@@ -42,7 +42,7 @@ WRITE_TIMEOUT = 30.0
 # How long a completion batch waits for a row another session holds locked before it
 # is written one outcome at a time (Postgres' lock_timeout syntax).
 ROW_LOCK_WAIT = "500ms"
-# How long an outcome whose row is locked waits before it is tried again (doubling).
+# How long an outcome whose row is locked waits before it is tried again (backing off).
 LOCKED_ROW_RETRY_FIRST = 0.05
 LOCKED_ROW_RETRY_MAX = 1.0
 
@@ -145,7 +145,7 @@ class Completer:
                     attempt=outcome.attempt,
                     outcome=outcome.kind.value,
                 )
-            delay = min(LOCKED_ROW_RETRY_MAX, LOCKED_ROW_RETRY_FIRST * 2 ** min(tries - 1, 10))
+            delay = backoff_delay(tries, LOCKED_ROW_RETRY_FIRST, LOCKED_ROW_RETRY_MAX)
             self._waiting_on_locks += 1
             asyncio.get_running_loop().call_later(delay, self._resubmit, outcome)
 

@@ -65,21 +65,12 @@ from typing import Any
 import asyncpg
 
 from dispatcher.core.cancellation import wait_for_event
+from dispatcher.core.database_errors import DATABASE_TROUBLE
 from dispatcher.core.log import get_logger
 from dispatcher.core.metrics import LeaderEvent, Metrics, Service
 from dispatcher.core.queries import queries_for
 from dispatcher.core.schema import SchemaNames
 from dispatcher.services.notifier import Notifier
-
-# Errors that mean "this connection or this database cannot be trusted right now".
-DATABASE_ERRORS = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,
-    TimeoutError,
-    ConnectionError,
-)
 
 OnElected = Callable[[int], Awaitable[None]]
 OnDeposed = Callable[[str], Awaitable[None]]
@@ -203,7 +194,7 @@ class Elector:
                     await self._renew(conn)
                 else:
                     await self._try_elect(conn)
-        except DATABASE_ERRORS as exc:
+        except DATABASE_TROUBLE as exc:
             reason = f"database error: {str(exc) or type(exc).__name__}"
             if self._metrics is not None:
                 self._metrics.database_errors.labels(Service.ELECTOR).inc()
@@ -234,7 +225,7 @@ class Elector:
                 timeout=self.timing.statement_timeout,
             )
             self._log.info("leader_released", term=term)
-        except DATABASE_ERRORS as exc:
+        except DATABASE_TROUBLE as exc:
             # Dropping the session releases the lock too, just without the NOTIFY.
             self._notifier.reset(f"release failed: {exc}")
             self._log.warning("leader_release_failed", term=term, error=str(exc))

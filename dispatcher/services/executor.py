@@ -144,14 +144,15 @@ def _traceback_tail(exc: BaseException) -> str:
 
 
 def _failure(attempt: Attempt, error: str, tb: str | None, delay: float | None = None) -> Outcome:
+    """A failed attempt: retried after the policy's delay (or ``delay``, RetryAfter's),
+    or failed for good after the last attempt."""
     job = attempt.job
-    if job.attempt >= job.max_attempts:
-        kind, delay = OutcomeKind.FAILED, 0.0
-    else:
-        kind = OutcomeKind.RETRY
-        if delay is None:
-            delay = attempt.spec.retry.delay(job.attempt)
-    return Outcome(job.id, job.attempt, job.type, kind, error=error, traceback=tb, delay=delay)
+    after = attempt.spec.retry.after_failure(job.attempt, job.max_attempts)
+    if after is None:
+        return Outcome(job.id, job.attempt, job.type, OutcomeKind.FAILED, error=error,
+                       traceback=tb)  # fmt: skip
+    return Outcome(job.id, job.attempt, job.type, OutcomeKind.RETRY, error=error,
+                   traceback=tb, delay=after if delay is None else delay)  # fmt: skip
 
 
 def _cancelled(attempt: Attempt) -> Outcome:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,6 +28,7 @@ import asyncpg
 
 from dispatcher.core.cancellation import cancel_and_wait, wait_for_event
 from dispatcher.core.log import get_logger
+from dispatcher.core.retry import backoff_delay
 
 NotificationCallback = Callable[[str], None]
 ReconnectCallback = Callable[[], Awaitable[None] | None]
@@ -53,11 +53,6 @@ def _set_client_keepalives(conn: asyncpg.Connection) -> None:
     for option, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
         if hasattr(socket, option):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-
-
-def backoff_delay(failures: int, base: float, cap: float) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**failures)]."""
-    return random.uniform(0, min(cap, base * (2 ** min(failures, 30))))
 
 
 class Notifier:
@@ -182,8 +177,8 @@ class Notifier:
             try:
                 conn = await self._connect()
             except Exception as exc:  # whatever a failed connect raises: try again
-                delay = backoff_delay(failures, self._backoff_base, self._backoff_cap)
                 failures += 1
+                delay = backoff_delay(failures, self._backoff_base, self._backoff_cap)
                 self._log.warning(
                     "notifier_connect_failed",
                     error=str(exc) or type(exc).__name__,

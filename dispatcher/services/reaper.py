@@ -113,14 +113,11 @@ class Reaper:
                 return []
             ids, delays, retries, errors = [], [], [], []
             for row in stale:
-                spec = self._app.executors.get(row["type"])
-                policy = spec.retry if spec else self._app.retry
-                max_attempts = row["max_attempts"] or (
-                    spec.max_attempts if spec else self._app.max_attempts
-                )
+                policy, max_attempts = self._app.retry_for(row["type"])
+                after = policy.after_failure(row["attempts"], row["max_attempts"] or max_attempts)
                 ids.append(row["id"])
-                retries.append(row["attempts"] < max_attempts)
-                delays.append(policy.delay(row["attempts"]))
+                retries.append(after is not None)
+                delays.append(after or 0.0)
                 errors.append(row["error"])
             rows = await conn.fetch(self._queries["rescue_jobs"], ids, delays, retries, errors)
         rescued = [(row["id"], row["type"], row["status"]) for row in rows]

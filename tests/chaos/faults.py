@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from dispatcher.core.config import Settings
-from dispatcher.runtime import SHUTDOWN_GRACE
+from dispatcher.services.draining import SHUTDOWN_GRACE
 from tests.support.processes import ReplicaProcess
 from tests.support.waiting import eventually
 

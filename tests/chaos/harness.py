@@ -48,7 +48,7 @@ import asyncpg
 
 from dispatcher.core.config import load_settings
 from dispatcher.database.migrate import migrate
-from dispatcher.runtime import EXIT_THREADS_UNSTOPPABLE
+from dispatcher.services.draining import EXIT_THREADS_UNSTOPPABLE
 from tests.chaos.faults import JOB_FAULTS, Fault, JobFaults
 from tests.support.chaos_app import ATTEMPTS_LOG
 from tests.support.private_postgres import private_postgres

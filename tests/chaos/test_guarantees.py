@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from dispatcher.runtime import EXIT_THREADS_UNSTOPPABLE, HAND_BACK_DELAY, SHUTDOWN_GRACE
+from dispatcher.services.draining import EXIT_THREADS_UNSTOPPABLE, HAND_BACK_DELAY, SHUTDOWN_GRACE
 from tests.chaos.conftest import StartChaosReplicas
 from tests.support.attempt_log import create_attempts_log, fetch_runs, overlapping_runs
 from tests.support.database import TestDatabase

@@ -20,6 +20,17 @@ from tests.support.database import TestDatabase, register_owner
 from tests.support.waiting import eventually
 
 
+class CountingElector(Elector):
+    """An elector that counts its steps (elections tried, leases renewed), so a test
+    can wait for the next one instead of sleeping through it."""
+
+    steps = 0
+
+    async def run_once(self) -> None:
+        await super().run_once()
+        self.steps += 1
+
+
 class Replica:
     """An elector with its own notifier, as one replica process would hold them."""
 
@@ -29,7 +40,7 @@ class Replica:
         self.name = name
         self.metrics = Metrics()
         self.notifier = Notifier(db.dsn)
-        self.elector = Elector(
+        self.elector = CountingElector(
             self.notifier,
             db.schema,
             incarnation_id(name),
@@ -84,6 +95,9 @@ class Replica:
 
 
 FAST = ElectionTiming(election_interval=0.5, heartbeat_interval=0.2, lease=2.0)
+
+# claim_jobs' worker-mode limits ($9 to $11): none, as the leader claims.
+NO_LIMITS = (None, None, None)
 
 
 async def leader_row(conn: asyncpg.Connection, schema: str) -> asyncpg.Record:
@@ -179,13 +193,15 @@ async def test_exactly_one_leader_through_20s_of_random_stops_and_starts(
                 if row["term"] == term and believer.believes_leader():
                     assert row["holder"] == believer.elector.owner_id, (row, believer.name)
                     assert row["lease_current"], row
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # the sampling rate, not a wait for anything
 
     sampler_conn = await db.connect()  # the loop below uses `admin` meanwhile
     sampler = asyncio.create_task(sample())
     deadline = time.monotonic() + 20
     try:
         while time.monotonic() < deadline:
+            # The pace of the injected churn (a fault schedule), not a wait: the
+            # sampler checks the invariants throughout.
             await asyncio.sleep(rng.uniform(0.3, 1.2))
             index = rng.randrange(len(replicas))
             replica = replicas[index]
@@ -292,10 +308,14 @@ async def test_release_hands_over_within_milliseconds(
     await eventually(lambda: asyncio.sleep(0, first.believes_leader()), timeout=5, what="leader")
     second = Replica(db, "second", terms, timing)
     second.start()
+    # The standby's first try (at its start) fails; its next is 5 s away. Only a
+    # takeover well before that shows that the NOTIFY, not the timer, woke it.
     await eventually(
-        lambda: asyncio.sleep(0, second.notifier.connected), timeout=5, what="standby connected"
+        lambda: asyncio.sleep(0, second.notifier.connected and second.elector.steps >= 1),
+        timeout=5,
+        what="the standby connected, and its first (failed) election attempt",
     )
-    await asyncio.sleep(0.1)  # let the standby's first (failed) attempt pass
+    assert not second.believes_leader()
     released = time.monotonic()
     await first.release()
     # The standby only tries every 5 s; the NOTIFY is what makes it take over.
@@ -366,7 +386,7 @@ async def test_stale_term_claims_and_stale_attempt_completions_are_refused(
         old = await conn.fetchrow(q["leader_try_elect"], names.leader_lock_name, "old-leader", 10.0)
         for owner in ("old-leader", "new"):
             await register_owner(conn, db.schema, owner)
-        claim_args = (["fenced"], [1], 1, [5], [None], 1)
+        claim_args = (["fenced"], [1], 1, [5], [None], 1, *NO_LIMITS)
         claimed = await conn.fetch(q["claim_jobs"], old["term"], "old-leader", *claim_args)
         assert len(claimed) == 1 and claimed[0]["attempts"] == 1
         job_id = claimed[0]["id"]
@@ -416,17 +436,27 @@ async def test_a_claim_racing_an_election_is_fenced(db: TestDatabase) -> None:
         await register_owner(claimer, db.schema, "a")
         tx = claimer.transaction()
         await tx.start()
-        claimed = await claimer.fetch(q["claim_jobs"], term, "a", ["t"], [1], 1, [3], [None], 1)
+        claim_args = (["t"], [1], 1, [3], [None])
+        claimed = await claimer.fetch(q["claim_jobs"], term, "a", *claim_args, 1, *NO_LIMITS)
         assert len(claimed) == 1
         election = asyncio.create_task(
             elector.fetchrow(q["leader_try_elect"], names.leader_lock_name, "b", 10.0)
         )
-        await asyncio.sleep(0.2)
+        # The election's statement queues behind the claim's share lock on the
+        # leader row: wait until the server shows the claim blocking it.
+        pids = (elector.get_server_pid(), claimer.get_server_pid())
+
+        async def election_blocked_by_the_claim() -> bool:
+            return bool(await claimer.fetchval("SELECT $2 = ANY(pg_blocking_pids($1))", *pids))
+
+        await eventually(
+            election_blocked_by_the_claim, timeout=5, what="the election to wait for the claim"
+        )
         assert not election.done(), "the election must wait for the in-flight claim"
         await tx.commit()
         new = await asyncio.wait_for(election, 5)
         assert new["term"] == term + 1
-        assert await claimer.fetch(q["claim_jobs"], term, "a", ["t"], [1], 1, [3], [None], 2) == []
+        assert await claimer.fetch(q["claim_jobs"], term, "a", *claim_args, 2, *NO_LIMITS) == []
         assert Role.LEADER.value == "leader"
     finally:
         await claimer.close()

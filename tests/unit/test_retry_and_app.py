@@ -49,7 +49,7 @@ def test_executor_registration_and_defaults() -> None:
     assert app.executors["a"].is_async and not app.executors["b"].is_async
     assert (app.executors["a"].max_attempts, app.executors["a"].timeout) == (7, 60)
     assert (app.executors["b"].max_attempts, app.executors["b"].timeout) == (2, 5)
-    assert app.limit_of("a") == 10, "a type limit never exceeds the global one"
+    assert app.limits().per_type["a"] == 10, "a type limit never exceeds the global one"
 
 
 @pytest.mark.parametrize(
@@ -97,3 +97,32 @@ def test_load_app_errors(target: str, message: str) -> None:
 def test_load_app_finds_the_examples() -> None:
     app = load_app("dispatcher.examples:app")
     assert sorted(app.executors) == ["demo.echo", "demo.fail", "demo.noop", "demo.sleep"]
+
+
+def test_limits_are_computed_once_for_the_replica() -> None:
+    app = App(concurrency=10)
+
+    @app.executor("fast", concurrency=20)
+    async def fast(job: object) -> None: ...
+
+    @app.executor("slow", concurrency=3)
+    def slow(job: object) -> None: ...
+
+    @app.executor("other")
+    def other(job: object) -> None: ...
+
+    limits = app.limits()
+    assert (limits.global_limit, limits.per_type) == (10, {"fast": 10, "other": 10, "slow": 3})
+    assert limits.sync_threads == 10, "slow 3 + other 10, capped by the global limit"
+    raised = app.limits(concurrency=50)  # DISPATCHER_CONCURRENCY wins over the App's
+    assert raised.per_type == {"fast": 20, "other": 50, "slow": 3}
+    assert raised.sync_threads == 50, "slow 3 + other 50, capped by the global limit"
+
+
+def test_retry_or_fail_is_one_decision() -> None:
+    policy = RetryPolicy(base=1, cap=8)
+    assert policy.after_failure(3, 3) is None, "the last attempt failed: fail for good"
+    delays = [policy.after_failure(2, 3) for _ in range(200)]
+    assert all(d is not None and 0 <= d <= policy.ceiling(2) == 2 for d in delays)
+    app = App(max_attempts=4, retry=policy)
+    assert app.retry_for("unknown.type") == (policy, 4)

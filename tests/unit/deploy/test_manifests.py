@@ -13,7 +13,7 @@ import httpx
 
 from dispatcher.core.config import Settings, env_name, load_settings
 from dispatcher.core.metrics import Metrics
-from dispatcher.http.api import build_api
+from dispatcher.http.app import build_api
 from dispatcher.runtime import POOL_CLOSE_TIMEOUT
 from tests.unit.deploy.support import (
     BASE,

@@ -15,7 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher import examples
 from dispatcher.core.metrics import WAKEUP_SOURCES, Metrics
-from dispatcher.runtime import VERSION
+from dispatcher.core.queries import queries_for
+from dispatcher.core.version import VERSION
+from dispatcher.services.claiming import LeaderClaims
 from dispatcher.services.dispatch import Dispatcher
 from dispatcher.services.queue_stats import export_queue_depth
 from dispatcher.services.slots import Slots
@@ -273,9 +275,10 @@ def fresh_replica_page(metrics: Metrics) -> str:
     app = examples.app
     wakeup = Wakeup()
     slots = Slots(app.executors, wakeup=wakeup, metrics=metrics)
+    mode = LeaderClaims(app, queries_for("dispatcher"), "r", is_leader=lambda: True)
     Dispatcher(
-        pool=None, app=app, schema="dispatcher", owner_id="r", slots=slots, wakeup=wakeup,
-        deliver=lambda outcome: None, threads=None, is_leader=lambda: True, metrics=metrics,
+        pool=None, app=app, schema="dispatcher", owner_id="r", mode=mode, slots=slots,
+        wakeup=wakeup, deliver=lambda outcome: None, threads=None, metrics=metrics,
     )  # fmt: skip
     metrics.init_series(app.executors, version=VERSION, replica="r")
     export_queue_depth(metrics, [])
