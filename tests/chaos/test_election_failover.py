@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import psycopg
 import pytest
 
 from tests.support.database import TestDatabase, migrated_schema
@@ -175,17 +176,29 @@ def test_postgres_restart_ends_with_exactly_one_leader(
             timeout=10,
             what="every replica to notice the database is gone",
         )
-        time.sleep(1.0)  # the database stays away for a while
+        time.sleep(1.0)  # the injected outage: the database stays away for a while
         back_at = time.time()
         server.start()
         leader = the_leader(replicas, timeout=15)
-        elected_at = leader.of_kind("elected")[-1]["at"]
-        # Stay a while: exactly one leader throughout, and nobody crashed.
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:
-            believers = [r for r in replicas if r.believes_leader()]
-            assert believers == [leader]
-            time.sleep(0.05)
+        elected = leader.of_kind("elected")[-1]
+        elected_at = elected["at"]
+        # Stay until the leader has renewed its lease twice more in its term (every
+        # second; the standbys try to take over every 0.5 s meanwhile): exactly one
+        # leader throughout, and nobody crashed.
+        with psycopg.connect(dsn, autocommit=True) as watcher:
+            lease = f'SELECT term, renewed_at FROM "{schema}".leader'
+            term, renewed_at = watcher.execute(lease).fetchone() or (None, None)
+            renewals = 0
+            deadline = time.monotonic() + 10
+            while renewals < 2:
+                believers = [r for r in replicas if r.believes_leader()]
+                assert believers == [leader]
+                now_term, now_renewed_at = watcher.execute(lease).fetchone() or (None, None)
+                assert now_term == term == elected["term"]
+                if now_renewed_at != renewed_at:
+                    renewals, renewed_at = renewals + 1, now_renewed_at
+                assert time.monotonic() < deadline, f"{renewals} lease renewals within 10 s"
+                time.sleep(0.05)  # the sampling rate, not a wait for anything
         assert all(r.alive for r in replicas), [r.log_tail() for r in replicas if not r.alive]
         with capsys.disabled():
             print(f"\n  leader after PostgreSQL came back: {(elected_at - back_at) * 1000:.0f} ms")

@@ -206,7 +206,7 @@ async def test_primary_failover_loses_no_acknowledged_job_and_runs_none_twice(
                 old_term = await fetchval(primary, f"SELECT term FROM {leader}")
                 acked_before = len(producer.acked_ids())
                 stopped_at = await asyncio.to_thread(cluster.stop_primary)
-                await asyncio.sleep(OUTAGE)
+                await asyncio.sleep(OUTAGE)  # the injected fault: no primary for OUTAGE s
                 # Figures count from the promote command: an upper bound, promotion included.
                 promoted_at = time.time()
                 writable_at = await asyncio.to_thread(cluster.promote_standby)

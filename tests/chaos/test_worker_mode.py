@@ -18,6 +18,24 @@ pytestmark = pytest.mark.chaos
 JOBS = 10_000
 
 
+async def until_claiming(batch: list[ReplicaProcess], mode: str) -> None:
+    """Wait until the replicas that claim in ``mode`` have begun their claim loops:
+    the leader in leader mode, every replica in worker mode. Otherwise the first one
+    to start could drain the queue alone, and "every replica claims" would fail."""
+    claimers = len(batch) if mode == "all" else 1
+
+    async def claiming() -> bool:
+        wakeups = [
+            await asyncio.to_thread(replica.metric_total, "dispatcher_wakeups_total")
+            for replica in batch
+        ]
+        return sum(1 for count in wakeups if count >= 1) == claimers
+
+    await eventually(
+        claiming, timeout=30, what=f"{claimers} replica(s) claiming in {mode} mode", every=0.1
+    )
+
+
 async def run_mode(
     db: TestDatabase, tmp_path: Path, replicas: list[ReplicaProcess], mode: str
 ) -> tuple[float, int]:
@@ -39,7 +57,7 @@ async def run_mode(
         replicas.extend(batch)
         for replica in batch:
             await asyncio.to_thread(replica.wait_healthy)
-        await asyncio.sleep(1.0)  # every replica settled (worker mode: all claiming)
+        await until_claiming(batch, mode)
         await conn.execute(
             f"INSERT INTO {db.jobs} (type) SELECT 'w.limited' FROM generate_series(1, 300)"
         )

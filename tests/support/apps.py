@@ -97,7 +97,9 @@ def make_app(*, concurrency: int = 50, sleep_limit: int = 3) -> App:
 
 
 def make_feature_app(*, tick_backfill: float = 30.0) -> App:
-    """Periodic, backpressure and rate-limited types (see tests/integration/test_features.py)."""
+    """Periodic, cached, pausable, backpressure, rate-limited and doomed types (see
+    tests/integration/test_periodic.py, test_result_cache.py, test_pause.py,
+    test_backpressure.py, test_rate_limits.py and test_dead_letters.py)."""
     app = App(concurrency=50, retry=RetryPolicy(base=0.2, cap=1.0))
 
     @app.periodic("* * * * * *", type="t.tick", name="tick", backfill=tick_backfill)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port() -> int:
@@ -168,5 +169,17 @@ class ReplicaProcess(ChildProcess):
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.05)
+            time.sleep(0.05)  # the poll interval of this wait
         raise AssertionError(f"{self.name} not healthy within {timeout}s: {self.log_tail()}")
+
+    def metric_total(self, sample: str) -> float:
+        """The sum of every series of ``sample`` (e.g. ``dispatcher_wakeups_total``)
+        on the replica's /metrics page; 0 if it has none."""
+        page = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=5)
+        page.raise_for_status()
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(page.text)
+            for s in family.samples
+            if s.name == sample
+        )

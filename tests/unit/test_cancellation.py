@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from dispatcher.core.cancellation import awaiting, cancel_and_wait, wait_for_event
+from tests.support.waiting import eventually
 
 
 async def test_returns_true_once_the_event_is_set() -> None:
@@ -54,16 +55,24 @@ async def test_cancel_and_wait_waits_for_each_task_to_end_and_consumes_its_error
 async def test_cancel_and_wait_never_swallows_the_callers_own_cancellation() -> None:
     # The old spelling (cancel; suppress(CancelledError): await task) returned
     # normally here, so a deadline around a shutdown silently stopped applying.
+    cleaning_up = asyncio.Event()
+
     async def slow_to_stop() -> None:
         try:
             await asyncio.sleep(3600)
         finally:
-            await asyncio.sleep(0.2)
+            cleaning_up.set()
+            await asyncio.sleep(0.2)  # cleanup that takes a moment
 
     slow = asyncio.create_task(slow_to_stop())
     await asyncio.sleep(0)
     caller = asyncio.create_task(cancel_and_wait([slow]))
-    await asyncio.sleep(0.05)  # the caller now waits for slow's cleanup
+    # slow's cleanup begins once the caller has cancelled it, and the caller then
+    # waits for it: cancel the caller in the middle of that wait.
+    await eventually(
+        lambda: asyncio.sleep(0, cleaning_up.is_set()), timeout=5, what="slow's cleanup"
+    )
+    assert not caller.done(), "the caller waits for slow's cleanup"
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller

@@ -19,6 +19,7 @@ from dispatcher.services.executor import (
     thread_pool,
 )
 from dispatcher.services.job import Job
+from tests.support.waiting import eventually
 
 
 def attempt_of(
@@ -93,7 +94,10 @@ async def test_sync_timeout_flags_the_job_so_a_polite_thread_stops() -> None:
 
     outcome = await run(polite, timeout=0.05)
     assert outcome.error == "timed out after 0.05s"
-    await asyncio.sleep(0.05)
+    # The thread reports True if the flag woke it, False after its 5 s wait otherwise.
+    await eventually(
+        lambda: asyncio.sleep(0, flagged), timeout=10, what="the thread to see its flag"
+    )
     assert flagged == [True]
 
 
@@ -171,7 +175,7 @@ async def test_an_attempt_that_could_not_start_in_time_is_handed_back_unrun() ->
 async def test_a_thread_past_its_timeout_keeps_the_attempt_until_it_returns() -> None:
     # A thread cannot be stopped: the outcome (and so the retry) waits for it.
     def stubborn(job: Job) -> str:
-        time.sleep(0.3)  # ignores job.cancelled
+        time.sleep(0.3)  # ignores job.cancelled: the duration of its work, not a wait
         return "done anyway"
 
     attempt = attempt_of(stubborn, timeout=0.05)
@@ -188,7 +192,7 @@ async def test_a_cancelled_thread_ends_by_its_reason_once_it_returns() -> None:
     loop = asyncio.get_running_loop()
 
     def stubborn(job: Job) -> str:
-        time.sleep(0.2)
+        time.sleep(0.2)  # work that ignores the cancel, not a wait
         loop.call_soon_threadsafe(returned.set)
         return "done anyway"
 
@@ -196,7 +200,12 @@ async def test_a_cancelled_thread_ends_by_its_reason_once_it_returns() -> None:
     with thread_pool(1) as threads:
         task = asyncio.ensure_future(run_attempt(attempt, threads))
         attempt.task = task
-        await eventually_true(lambda: attempt.thread_running)
+        await eventually(
+            lambda: asyncio.sleep(0, attempt.thread_running),
+            timeout=5,
+            what="the thread to start",
+            every=0.005,
+        )
         assert attempt.cancel(CancelReason.SHUTDOWN)
         assert not task.done() and attempt.thread_running, "live until the thread returns"
         outcome = await task
@@ -220,10 +229,3 @@ async def test_an_attempt_cancelled_before_it_started_never_runs() -> None:
             attempt.task = asyncio.ensure_future(run_attempt(attempt, threads))
             assert (await attempt.task).kind is OutcomeKind.CANCELLED
     assert ran == []
-
-
-async def eventually_true(check: Any, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
