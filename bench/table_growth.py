@@ -24,6 +24,7 @@ from bench.burndown import CONCURRENCY, burn_down
 from bench.common import Database, Result, database, database_beside, percentile
 from bench.raw_sql import COMPLETE
 from dispatcher.core.app import App
+from dispatcher.core.metrics import Metrics
 from dispatcher.core.queries import queries_for
 from dispatcher.services.reaper import Reaper
 
@@ -65,7 +66,15 @@ async def claims_while_pruning(db: Database, finished: int) -> tuple[list[float]
     # Claims are fenced by their owner's replica row, as a runtime's registry keeps it.
     await conn.execute(q["replica_heartbeat"], owner, owner, "bench", 0, "bench", "leader", [])
     pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=2)
-    reaper = Reaper(pool, db.schema, App(), stale_after=30, interval=1, replica_seen_within=30)
+    reaper = Reaper(
+        pool,
+        db.schema,
+        App(),
+        stale_after=30,
+        interval=1,
+        replica_seen_within=30,
+        metrics=Metrics(),
+    )
     durations: list[float] = []
     pruned = 0
 

@@ -217,7 +217,9 @@ class Runtime:
             interval=QUEUE_STATS_INTERVAL,
             max_pending={t: spec.max_pending for t, spec in self.app.executors.items()},
         )
-        self.periodic = PeriodicScheduler(pool, s.schema, list(self.app.schedules.values()))
+        self.periodic = PeriodicScheduler(
+            pool, s.schema, list(self.app.schedules.values()), metrics
+        )
         self.reaper = Reaper(
             pool,
             s.schema,
@@ -254,6 +256,7 @@ class Runtime:
             is_leader=self.elector.is_leader,
             interval=s.heartbeat_interval,
             prune_after=max(s.stale_after, 10 * s.heartbeat_interval),
+            metrics=metrics,
         )
 
     def _subscribe(self) -> None:

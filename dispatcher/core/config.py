@@ -245,10 +245,6 @@ def env_name(setting: str) -> str:
     return ENV_PREFIX + setting.upper()
 
 
-def settings_fields() -> list[dataclasses.Field[Any]]:
-    return list(dataclasses.fields(Settings))
-
-
 def load_settings(
     env: Mapping[str, str] | None = None,
     config_file: str | Path | None = None,

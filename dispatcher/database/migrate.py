@@ -75,12 +75,6 @@ def known_migrations() -> list[Migration]:
     return migrations
 
 
-def latest_version() -> int:
-    """The newest migration version this code knows."""
-    migrations = known_migrations()
-    return migrations[-1].version if migrations else 0
-
-
 async def applied_versions(conn: asyncpg.Connection, schema: str) -> dict[int, str]:
     """{version: checksum} of the migrations recorded in the schema (empty if none)."""
     q = queries_for(schema)

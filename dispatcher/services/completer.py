@@ -59,8 +59,7 @@ class Completer:
         *,
         window: float = 0.002,
         max_batch: int = 5000,
-        metrics: Metrics | None = None,
-        log: Any = None,
+        metrics: Metrics,
     ) -> None:
         self._pool = pool
         self._sql = queries_for(schema)["complete_jobs"]
@@ -69,7 +68,7 @@ class Completer:
         self._window = window
         self._max_batch = max_batch
         self._metrics = metrics
-        self._log = log or get_logger("completer")
+        self._log = get_logger("completer")
         self._pending: list[Outcome] = []
         # Outcomes whose row another session held locked, waiting to be tried again.
         self._waiting_on_locks = 0
@@ -165,8 +164,7 @@ class Completer:
                     raise
                 failures += 1
                 delay = backoff_delay(failures, 0.05, 2.0)
-                if self._metrics is not None:
-                    self._metrics.database_errors.labels(Service.COMPLETER).inc()
+                self._metrics.database_errors.labels(Service.COMPLETER).inc()
                 self._log.warning(
                     "completion_write_retrying",
                     error=describe(exc),
@@ -238,10 +236,7 @@ class Completer:
                     attempt=outcome.attempt,
                     outcome=outcome.kind.value,
                 )
-                if metrics is not None:
-                    counts[(metrics.jobs_fenced, outcome.type)] += 1
-                continue
-            if metrics is None:
+                counts[(metrics.jobs_fenced, outcome.type)] += 1
                 continue
             counter = _counter_for(metrics, status, outcome.kind)
             if counter is not None:
@@ -250,10 +245,9 @@ class Completer:
             if child is None:
                 child = durations[outcome.type] = metrics.job_duration.labels(outcome.type)
             child.observe(outcome.duration)
-        if metrics is not None:
-            metrics.completion_batch_size.observe(len(batch))
-            for (counter, type_), n in counts.items():
-                counter.labels(type_).inc(n)
+        metrics.completion_batch_size.observe(len(batch))
+        for (counter, type_), n in counts.items():
+            counter.labels(type_).inc(n)
 
 
 def _counter_for(metrics: Metrics, status: str, kind: OutcomeKind) -> Any:

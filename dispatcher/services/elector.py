@@ -60,7 +60,6 @@ import enum
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 
@@ -125,8 +124,7 @@ class Elector:
         timing: ElectionTiming | None = None,
         on_elected: OnElected = _noop_elected,
         on_deposed: OnDeposed = _noop_deposed,
-        metrics: Metrics | None = None,
-        log: Any = None,
+        metrics: Metrics,
     ) -> None:
         self.owner_id = owner_id
         self.timing = timing or ElectionTiming()
@@ -138,7 +136,7 @@ class Elector:
         self._on_elected = on_elected
         self._on_deposed = on_deposed
         self._metrics = metrics
-        self._log = log or get_logger("elector", owner=owner_id)
+        self._log = get_logger("elector", owner=owner_id)
         self._trusted_until = 0.0
         self._wake = asyncio.Event()
         self._stopping = False
@@ -196,8 +194,7 @@ class Elector:
                     await self._try_elect(conn)
         except DATABASE_TROUBLE as exc:
             reason = f"database error: {str(exc) or type(exc).__name__}"
-            if self._metrics is not None:
-                self._metrics.database_errors.labels(Service.ELECTOR).inc()
+            self._metrics.database_errors.labels(Service.ELECTOR).inc()
             # A failed statement may have taken the lock without recording the term
             # (session locks survive rollback): only a fresh session is trustworthy.
             self._notifier.reset(reason)
@@ -254,8 +251,7 @@ class Elector:
             hung_term=row["term"],
             exited=row["terminated"],
         )
-        if self._metrics is not None:
-            self._metrics.leader_takeovers.inc()
+        self._metrics.leader_takeovers.inc()
         await self._attempt(conn)
 
     def _takeover_not_permitted(self, exc: Exception) -> None:
@@ -308,10 +304,9 @@ class Elector:
         self._trusted_until = sent + self.timing.lease - self.timing.trust_margin
         self._takeover_refused_logged = False
         self._log.info("leader_elected", term=term)
-        if self._metrics is not None:
-            self._metrics.is_leader.set(1)
-            self._metrics.leader_term.set(term)
-            self._metrics.leader_transitions.labels(LeaderEvent.ELECTED).inc()
+        self._metrics.is_leader.set(1)
+        self._metrics.leader_term.set(term)
+        self._metrics.leader_transitions.labels(LeaderEvent.ELECTED).inc()
         await self._on_elected(term)
 
     async def _set_standby(self, reason: str) -> None:
@@ -321,9 +316,8 @@ class Elector:
         self._trusted_until = 0.0
         log = self._log.info if reason == "released" else self._log.warning
         log("leader_deposed", term=term, reason=reason)
-        if self._metrics is not None:
-            self._metrics.is_leader.set(0)
-            self._metrics.leader_transitions.labels(LeaderEvent.DEPOSED).inc()
+        self._metrics.is_leader.set(0)
+        self._metrics.leader_transitions.labels(LeaderEvent.DEPOSED).inc()
         await self._on_deposed(reason)
 
     async def _depose(self, reason: str) -> None:

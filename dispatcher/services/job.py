@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Generator
 from typing import Any
 
-import structlog
+from dispatcher.core.log import Logger, get_logger
 
 MAX_PROGRESS_MESSAGE = 1000
 
@@ -81,7 +81,7 @@ class Job:
         self.timeout = timeout
         self._payload_text = payload_text
         self._payload: Any = _UNSET
-        self._log: Any = None
+        self._log: Logger | None = None
         self._on_progress = on_progress
         self._cancelled = False
         # A sync executor reads the event from its thread: create it up front so the
@@ -98,12 +98,10 @@ class Job:
         return self._payload
 
     @property
-    def log(self) -> Any:
+    def log(self) -> Logger:
         """A structlog logger bound to this job's id, type and attempt."""
         if self._log is None:
-            self._log = structlog.get_logger().bind(
-                job_id=self.id, type=self.type, attempt=self.attempt
-            )
+            self._log = get_logger("job", job_id=self.id, type=self.type, attempt=self.attempt)
         return self._log
 
     def progress(

@@ -28,17 +28,16 @@ import json
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import asyncpg
 
 from dispatcher.core.cancellation import cancel_and_wait
-from dispatcher.core.database_errors import describe
 from dispatcher.core.log import get_logger
 from dispatcher.core.metrics import Metrics, Service
 from dispatcher.core.queries import queries_for
 from dispatcher.services.executor import Attempt, CancelReason
 from dispatcher.services.job import Job
+from dispatcher.services.service_loop import Step, guarded
 from dispatcher.services.slots import Slots
 
 OnUnstoppable = Callable[[list[Attempt]], None]
@@ -59,7 +58,6 @@ class JobHeartbeat:
         metrics: Metrics,
         progress_interval: float = 0.25,
         on_unstoppable: OnUnstoppable | None = None,
-        log: Any = None,
     ) -> None:
         self._pool = pool
         self._queries = queries_for(schema)
@@ -76,7 +74,7 @@ class JobHeartbeat:
         self._step_timeout = 2 * interval
         self._metrics = metrics
         self._on_unstoppable = on_unstoppable
-        self._log = log or get_logger("heartbeat")
+        self._log = get_logger("heartbeat")
         # Appended from executor threads too: deque.append/popleft are thread-safe.
         self._dirty: deque[Job] = deque()
         # When the last successful heartbeat was *sent*: its heartbeat_at is no older.
@@ -121,15 +119,15 @@ class JobHeartbeat:
         if await self._guarded(self.run_once):
             self._last_contact = sent
 
-    async def _guarded(self, step: Callable[[], Any]) -> bool:
-        try:
-            async with asyncio.timeout(self._step_timeout):
-                await step()
-        except Exception as exc:
-            self._metrics.database_errors.labels(Service.HEARTBEAT).inc()
-            self._log.warning("heartbeat_failed", error=describe(exc))
-            return False
-        return True
+    async def _guarded(self, step: Step) -> bool:
+        return await guarded(
+            step,
+            service=Service.HEARTBEAT,
+            metrics=self._metrics,
+            log=self._log,
+            failed="heartbeat_failed",
+            timeout=self._step_timeout,
+        )
 
     async def run_once(self) -> None:
         """Heartbeat every held attempt; stop the ones that are no longer ours."""

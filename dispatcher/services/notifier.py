@@ -66,14 +66,13 @@ class Notifier:
         backoff_base: float = 0.05,
         backoff_cap: float = 2.0,
         listen: bool = True,
-        log: Any = None,
     ) -> None:
         self._dsn = dsn
         self.listening = listen
         self._connect_timeout = connect_timeout
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
-        self._log = log or get_logger("notifier")
+        self._log = get_logger("notifier")
         self._subscribers: dict[str, list[NotificationCallback]] = {}
         self._on_reconnect: list[ReconnectCallback] = []
         self._on_disconnect: list[Callable[[], None]] = []

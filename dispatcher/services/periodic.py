@@ -9,10 +9,8 @@ leader, a restart) into a no-op. The schedules table shows each schedule's next 
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import zoneinfo
-from typing import Any
 
 import asyncpg
 from croniter import croniter
@@ -20,8 +18,10 @@ from croniter import croniter
 from dispatcher.core.app import Periodic
 from dispatcher.core.database_errors import describe
 from dispatcher.core.log import get_logger
+from dispatcher.core.metrics import Metrics, Service
 from dispatcher.core.queries import queries_for
 from dispatcher.core.records import encode_json
+from dispatcher.services.service_loop import run_every
 
 # How long instants are remembered (each schedule's latest one is kept whatever its
 # age: it is where the schedule stands).
@@ -54,7 +54,7 @@ class PeriodicScheduler:
     """Enqueues the app's schedules while this replica leads."""
 
     def __init__(
-        self, pool: asyncpg.Pool, schema: str, schedules: list[Periodic], *, log: Any = None
+        self, pool: asyncpg.Pool, schema: str, schedules: list[Periodic], metrics: Metrics
     ) -> None:
         self._pool = pool
         self._queries = queries_for(schema)
@@ -62,7 +62,9 @@ class PeriodicScheduler:
         self._payloads = {
             s.name: encode_json(s.payload, what=f"{s.name} payload") for s in schedules
         }
-        self._log = log or get_logger("periodic")
+        self._metrics = metrics
+        self._log = get_logger("periodic")
+        self._passes = 0
         self._last: dict[str, dt.datetime] = {}
         self.next_runs: dict[str, dt.datetime] = {}
 
@@ -70,16 +72,21 @@ class PeriodicScheduler:
         """Pass after pass, sleeping until the next instant (at most a second)."""
         if not self._schedules:
             return
-        passes = 0
-        while True:
-            try:
-                if passes % PRUNE_EVERY_PASSES == 0:
-                    await self.prune()
-                await self.run_once()
-            except Exception as exc:
-                self._log.warning("periodic_failed", error=describe(exc))
-            passes += 1
-            await asyncio.sleep(self._sleep_for())
+        self._passes = 0
+        await run_every(
+            self._pass,
+            self._sleep_for,
+            service=Service.PERIODIC,
+            metrics=self._metrics,
+            log=self._log,
+            failed="periodic_failed",
+        )
+
+    async def _pass(self) -> None:
+        self._passes += 1
+        if self._passes % PRUNE_EVERY_PASSES == 1:
+            await self.prune()
+        await self.run_once()
 
     def _sleep_for(self) -> float:
         if not self.next_runs:

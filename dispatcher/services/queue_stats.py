@@ -15,16 +15,15 @@ reopens a queue that a newer one closed.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import asyncpg
 
-from dispatcher.core.database_errors import describe
 from dispatcher.core.log import get_logger
 from dispatcher.core.metrics import OTHER_TYPES, Metrics, Service
 from dispatcher.core.queries import queries_for
+from dispatcher.services.service_loop import run_every
 
 
 class QueueStats:
@@ -36,7 +35,6 @@ class QueueStats:
         *,
         interval: float,
         max_pending: dict[str, int | None] | None = None,
-        log: Any = None,
     ) -> None:
         self._pool = pool
         self._schema = schema
@@ -45,20 +43,21 @@ class QueueStats:
         self._max_pending = max_pending or {}
         self._metrics = metrics
         self._interval = interval
-        self._log = log or get_logger("queue_stats")
+        self._log = get_logger("queue_stats")
         # Declared once per term: whichever replica leads, its app is the reference.
         self._declared = False
 
     async def run(self) -> None:
         self._declared = False
         try:
-            while True:
-                try:
-                    await self.run_once()
-                except Exception as exc:
-                    self._metrics.database_errors.labels(Service.QUEUE_STATS).inc()
-                    self._log.warning("queue_stats_failed", error=describe(exc))
-                await asyncio.sleep(self._interval)
+            await run_every(
+                self.run_once,
+                self._interval,
+                service=Service.QUEUE_STATS,
+                metrics=self._metrics,
+                log=self._log,
+                failed="queue_stats_failed",
+            )
         finally:
             self.clear()
 

@@ -21,15 +21,14 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import asyncpg
 
 from dispatcher.core.app import App
-from dispatcher.core.database_errors import describe
 from dispatcher.core.log import get_logger
 from dispatcher.core.metrics import Metrics, Service
 from dispatcher.core.queries import queries_for
+from dispatcher.services.service_loop import run_every
 
 BATCH = 1000
 PRUNE_BATCH = 2000
@@ -59,8 +58,7 @@ class Reaper:
         unknown_type_grace: float | None = None,
         retention_completed: float = 86400.0,
         retention_failed: float = 14 * 86400.0,
-        metrics: Metrics | None = None,
-        log: Any = None,
+        metrics: Metrics,
     ) -> None:
         self._pool = pool
         self._queries = queries_for(schema)
@@ -76,18 +74,18 @@ class Reaper:
             (["failed"], retention_failed),
         )
         self._metrics = metrics
-        self._log = log or get_logger("reaper")
+        self._log = get_logger("reaper")
 
     async def run(self) -> None:
         """Reap every ``interval`` (the runtime runs this only while leading)."""
-        while True:
-            try:
-                await self.run_once()
-            except Exception as exc:
-                if self._metrics is not None:
-                    self._metrics.database_errors.labels(Service.REAPER).inc()
-                self._log.warning("reaper_failed", error=describe(exc))
-            await asyncio.sleep(self._interval)
+        await run_every(
+            self.run_once,
+            self._interval,
+            service=Service.REAPER,
+            metrics=self._metrics,
+            log=self._log,
+            failed="reaper_failed",
+        )
 
     async def run_once(self) -> ReapReport:
         report = ReapReport()
@@ -102,8 +100,7 @@ class Reaper:
             if len(failed) < BATCH:
                 break
         report.pruned = await self.prune_finished()
-        if self._metrics is not None:
-            self._metrics.reaper_runs.inc()
+        self._metrics.reaper_runs.inc()
         return report
 
     async def rescue_stale(self) -> list[tuple[int, str, str]]:
@@ -123,10 +120,9 @@ class Reaper:
         rescued = [(row["id"], row["type"], row["status"]) for row in rows]
         for job_id, type_, status in rescued:
             self._log.warning("job_rescued", job_id=job_id, type=type_, status=status)
-            if self._metrics is not None:
-                self._metrics.jobs_rescued.labels(type_).inc()
-                if status == "failed":
-                    self._metrics.jobs_failed.labels(type_).inc()
+            self._metrics.jobs_rescued.labels(type_).inc()
+            if status == "failed":
+                self._metrics.jobs_failed.labels(type_).inc()
         return rescued
 
     async def prune_finished(self) -> int:
@@ -147,8 +143,7 @@ class Reaper:
                 await asyncio.sleep(max(PRUNE_PAUSE, time.monotonic() - started))
         if total:
             self._log.info("jobs_pruned", jobs=total)
-            if self._metrics is not None:
-                self._metrics.jobs_pruned.inc(total)
+            self._metrics.jobs_pruned.inc(total)
         return total
 
     async def fail_without_executor(self) -> list[int]:
@@ -162,6 +157,5 @@ class Reaper:
             )
         for row in rows:
             self._log.warning("job_failed_without_executor", job_id=row["id"], type=row["type"])
-            if self._metrics is not None:
-                self._metrics.jobs_failed.labels(row["type"]).inc()
+            self._metrics.jobs_failed.labels(row["type"]).inc()
         return [row["id"] for row in rows]

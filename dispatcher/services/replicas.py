@@ -9,19 +9,18 @@ name never adopts, heartbeats or completes its predecessor's jobs.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import secrets
 import socket
 from collections.abc import Callable
-from typing import Any
 
 import asyncpg
 
-from dispatcher.core.database_errors import describe
 from dispatcher.core.log import get_logger
+from dispatcher.core.metrics import Metrics, Service
 from dispatcher.core.queries import queries_for
+from dispatcher.services.service_loop import run_every
 
 
 def incarnation_id(name: str) -> str:
@@ -45,7 +44,7 @@ class ReplicaRegistry:
         is_leader: Callable[[], bool],
         interval: float,
         prune_after: float,
-        log: Any = None,
+        metrics: Metrics,
     ) -> None:
         self._pool = pool
         self._queries = queries_for(schema)
@@ -57,7 +56,8 @@ class ReplicaRegistry:
         self._is_leader = is_leader
         self._interval = interval
         self._prune_after = prune_after
-        self._log = log or get_logger("replicas")
+        self._metrics = metrics
+        self._log = get_logger("replicas")
 
     async def run_once(self) -> list[str]:
         """Heartbeat our row; if leading, prune stale rows. Returns the pruned ids."""
@@ -81,12 +81,14 @@ class ReplicaRegistry:
         return pruned
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except Exception as exc:
-                self._log.warning("replica_heartbeat_failed", error=describe(exc))
-            await asyncio.sleep(self._interval)
+        await run_every(
+            self.run_once,
+            self._interval,
+            service=Service.REPLICAS,
+            metrics=self._metrics,
+            log=self._log,
+            failed="replica_heartbeat_failed",
+        )
 
     async def remove(self) -> None:
         """Delete our row (graceful shutdown); best effort."""

@@ -20,11 +20,19 @@ Step = Callable[[], Awaitable[object]]
 
 
 async def guarded(
-    step: Step, *, service: Service, metrics: Metrics, log: Logger, failed: str
+    step: Step,
+    *,
+    service: Service,
+    metrics: Metrics,
+    log: Logger,
+    failed: str,
+    timeout: float | None = None,
 ) -> bool:
-    """Run ``step``; on an error count it, log ``failed`` and return False."""
+    """Run ``step`` (for at most ``timeout`` seconds); on an error, or the timeout,
+    count it, log ``failed`` and return False."""
     try:
-        await step()
+        async with asyncio.timeout(timeout):
+            await step()
     except Exception as exc:
         metrics.database_errors.labels(service).inc()
         log.warning(failed, error=describe(exc))

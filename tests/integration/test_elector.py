@@ -346,6 +346,7 @@ async def test_replica_registry_heartbeats_and_the_leader_prunes(db: TestDatabas
         is_leader=lambda: leading,
         interval=1.0,
         prune_after=60.0,
+        metrics=Metrics(),
     )
     try:
         async with pool.acquire() as conn:

@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 
 from dispatcher.core.app import App
+from dispatcher.core.metrics import Metrics
 from dispatcher.core.retry import RetryPolicy
 from dispatcher.runtime import Runtime
 from dispatcher.services.job import Job
@@ -252,7 +253,7 @@ async def test_the_reaper_spares_a_stale_row_only_while_its_live_owner_lists_it(
             [listed],
         )
         reaper = Reaper(pool, db.schema, App(), stale_after=STALE_AFTER, interval=1,
-                        replica_seen_within=STALE_AFTER)  # fmt: skip
+                        replica_seen_within=STALE_AFTER, metrics=Metrics())  # fmt: skip
         assert [job_id for job_id, _, _ in await reaper.rescue_stale()] == [unlisted]
         # A listing as old as stale_after no longer vouches for the row.
         await conn.execute(
@@ -284,7 +285,7 @@ async def test_a_late_outcome_never_frees_a_newer_attempt_of_the_same_job(
 
         await eventually(first_attempt_running, timeout=10, what="attempt 1 to start")
         reaper = Reaper(runtime.pool, db.schema, app, stale_after=0.001, interval=1,
-                        replica_seen_within=STALE_AFTER)  # fmt: skip
+                        replica_seen_within=STALE_AFTER, metrics=Metrics())  # fmt: skip
         assert [status for _, _, status in await reaper.rescue_stale()] == ["pending"]
         row = await wait_status(conn, db, job_id, "completed", timeout=30)
         await idle(runtime)

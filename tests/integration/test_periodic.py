@@ -13,6 +13,7 @@ import httpx
 
 from dispatcher import AsyncClient
 from dispatcher.core.app import Periodic
+from dispatcher.core.metrics import Metrics
 from dispatcher.services.periodic import PeriodicScheduler
 from tests.support.apps import make_feature_app
 from tests.support.database import TestDatabase
@@ -137,10 +138,10 @@ async def test_a_schedule_with_a_long_backfill_is_not_enqueued_again_after_pruni
     try:
         now: dt.datetime = await pool.fetchval("SELECT date_trunc('minute', now())")
         schedule = yearly(now - dt.timedelta(days=10), "ten-days-ago", backfill_days=30)
-        first = PeriodicScheduler(pool, db.schema, [schedule])
+        first = PeriodicScheduler(pool, db.schema, [schedule], Metrics())
         assert len(await first.run_once()) == 1, "the instant within the backfill, once"
         await first.prune()
-        second = PeriodicScheduler(pool, db.schema, [schedule])  # the next leader
+        second = PeriodicScheduler(pool, db.schema, [schedule], Metrics())  # the next leader
         assert await second.run_once() == []
         assert await pool.fetchval(f"SELECT count(*) FROM {db.jobs}") == 1
     finally:
@@ -158,7 +159,7 @@ async def test_one_schedules_conflicting_job_does_not_stop_the_others(db: TestDa
         free = Periodic(**{**vars(yearly(instant, "free", backfill_days=2)), "type": "t.free"})
         key = "periodic:held:" + instant.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         await pool.execute(f"INSERT INTO {db.jobs} (type, unique_key) VALUES ('t.yearly', $1)", key)
-        enqueued = await PeriodicScheduler(pool, db.schema, [held, free]).run_once()
+        enqueued = await PeriodicScheduler(pool, db.schema, [held, free], Metrics()).run_once()
         types = await pool.fetch(f"SELECT type, unique_key FROM {db.jobs} ORDER BY id")
     finally:
         await pool.close()

@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 
 from dispatcher.core.log import configure_logging
+from dispatcher.core.metrics import Metrics
 from dispatcher.core.queries import queries_for
 from dispatcher.services.elector import ElectionTiming, Elector
 from dispatcher.services.notifier import Notifier
@@ -91,6 +92,7 @@ async def main() -> None:
         timing=ElectionTiming(lease=args.lease),
         on_elected=elected,
         on_deposed=deposed,
+        metrics=Metrics(),
     )
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
