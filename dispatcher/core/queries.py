@@ -1,9 +1,12 @@
 """Named SQL queries, loaded from the .sql files under ``sql/``.
 
 ``sql/queries.sql`` holds every runtime statement under a ``-- name: <name>`` header
-followed by a one-line ``--`` description. The only templating is ``{{schema}}``,
-replaced by the validated, quoted schema name when the file is loaded; every value
-is a bind parameter (``$1``, ``$2``, ... as asyncpg and Postgres spell them).
+followed by a one-line ``--`` description. Two kinds of templating, both resolved when
+the file is loaded: ``{{schema}}``, replaced by the validated, quoted schema name, and
+``{{<fragment>}}``, replaced by the text under a ``-- fragment: <fragment>`` header
+(SQL that two statements share, such as the claim's pick-and-start tail, and which
+is not a statement of its own). Every value is a bind parameter (``$1``, ``$2``, ...
+as asyncpg and Postgres spell them).
 
 psycopg spells bind parameters ``%(name)s``; :func:`for_psycopg` rewrites a query for
 it, so the sync client runs the very same statements.
@@ -20,7 +23,9 @@ from typing import Any
 
 from dispatcher.core.schema import SchemaNames
 
-_NAME_HEADER = re.compile(r"^-- name: ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+_HEADER = re.compile(r"^-- (name|fragment): ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+_FRAGMENT_USE = re.compile(r"\{\{([a-z_][a-z0-9_]*)\}\}")
+_LEADING_COMMENTS = re.compile(r"\A(?:--[^\n]*\n)+")
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 
 
@@ -47,15 +52,35 @@ def render(text: str, names: SchemaNames) -> str:
 
 
 def parse_named_queries(text: str) -> dict[str, str]:
-    """Split a queries file into {name: sql}; a repeated name is an error."""
+    """Split a queries file into {name: sql}, with every ``{{fragment}}`` use replaced
+    by the fragment's text (its description comments left out). A repeated name, an
+    unknown fragment or an unused one is an error."""
     queries: dict[str, str] = {}
-    parts = _NAME_HEADER.split(text)
-    # parts = [preamble, name1, body1, name2, body2, ...]
-    for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        if name in queries:
-            raise ValueError(f"query {name!r} is defined twice in queries.sql")
-        queries[name] = body.strip().rstrip(";")
-    return queries
+    fragments: dict[str, str] = {}
+    parts = _HEADER.split(text)
+    # parts = [preamble, kind1, name1, body1, kind2, name2, body2, ...]
+    for kind, name, body in zip(parts[1::3], parts[2::3], parts[3::3], strict=True):
+        if name in queries or name in fragments or name == "schema":
+            raise ValueError(f"{kind} {name!r} is defined twice in queries.sql")
+        if kind == "fragment":
+            fragments[name] = _LEADING_COMMENTS.sub("", body.strip()).rstrip(";")
+        else:
+            queries[name] = body.strip().rstrip(";")
+    used: set[str] = set()
+
+    def expand(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name == "schema":
+            return match.group(0)
+        if name not in fragments:
+            raise ValueError(f"no fragment named {name!r} in queries.sql")
+        used.add(name)
+        return fragments[name]
+
+    expanded = {name: _FRAGMENT_USE.sub(expand, sql) for name, sql in queries.items()}
+    if unused := sorted(set(fragments) - used):
+        raise ValueError(f"fragments never used in queries.sql: {', '.join(unused)}")
+    return expanded
 
 
 class Queries(Mapping[str, str]):

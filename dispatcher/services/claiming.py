@@ -1,6 +1,8 @@
 """Who claims, and how the limits are counted: the two ways a replica takes jobs.
 
-Both send the one claim statement (``claim_jobs``) and differ in what they give it:
+Both claim with one statement that starts the jobs it picks (``claim_jobs`` and
+``claim_jobs_worker``, which share their pick-and-start part) and differ in how they
+count the limits:
 
 * :class:`LeaderClaims` (``DISPATCHER_MODE=leader``, the default): only the leader
   claims, under its term, which the statement checks on the leader row. The leader
@@ -171,9 +173,6 @@ class LeaderClaims:
             self._queries["claim_jobs"],
             self.term,
             *_claim_arguments(request),
-            None,  # the leader counts cluster and rate limits itself
-            None,
-            None,
             timeout=request.timeout,
         )
         return rows
@@ -240,7 +239,7 @@ class WorkerClaims:
         rows: list[asyncpg.Record]
         if not locked:  # no cluster-wide count to serialize: one statement, no transaction
             rows = await conn.fetch(
-                self._queries["claim_jobs"], *arguments, timeout=request.timeout
+                self._queries["claim_jobs_worker"], *arguments, timeout=request.timeout
             )
             return rows
         async with conn.transaction():
@@ -248,13 +247,13 @@ class WorkerClaims:
                 self._queries["lock_types"], locked, self._schema, timeout=request.timeout
             )
             rows = await conn.fetch(
-                self._queries["claim_jobs"], *arguments, timeout=request.timeout
+                self._queries["claim_jobs_worker"], *arguments, timeout=request.timeout
             )
         return rows
 
 
 def _claim_arguments(request: ClaimRequest) -> tuple[object, ...]:
-    """claim_jobs' $2 to $8, the same in both modes."""
+    """claim_jobs' (and claim_jobs_worker's) $2 to $8."""
     return (
         request.owner,
         request.types,

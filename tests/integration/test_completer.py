@@ -17,9 +17,6 @@ from tests.support.database import TestDatabase, register_owner
 from tests.support.runtimes import StartRuntime, held_attempt
 from tests.support.waiting import eventually
 
-# claim_jobs' worker-mode limits ($9 to $11): none, as the leader claims.
-NO_LIMITS = (None, None, None)
-
 
 async def claim(conn: asyncpg.Connection, db: TestDatabase, owner: str, n: int) -> list[int]:
     """Claim n jobs the way the leader does (term 1 under holder ``owner``)."""
@@ -27,7 +24,7 @@ async def claim(conn: asyncpg.Connection, db: TestDatabase, owner: str, n: int) 
     await register_owner(conn, db.schema, owner)
     await conn.execute(f"INSERT INTO {db.jobs} (type) SELECT 't' FROM generate_series(1, $1)", n)
     rows = await conn.fetch(
-        queries_for(db.schema)["claim_jobs"], 1, owner, ["t"], [n], n, [3], [None], 1, *NO_LIMITS
+        queries_for(db.schema)["claim_jobs"], 1, owner, ["t"], [n], n, [3], [None], 1
     )
     return sorted(r["id"] for r in rows)
 

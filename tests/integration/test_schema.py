@@ -165,7 +165,7 @@ async def claim_buffers(conn: asyncpg.Connection, schema: str) -> tuple[int, int
     claim = conn.transaction()
     await claim.start()
     try:
-        args = (term, "claimer", ["t"], [250], 250, [3], [None], 1, None, None, None)
+        args = (term, "claimer", ["t"], [250], 250, [3], [None], 1)
         plan = [
             r[0] for r in await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + q["claim_jobs"], *args)
         ]

@@ -28,9 +28,6 @@ from dispatcher.services.elector import ElectionTiming, Elector
 from dispatcher.services.notifier import Notifier
 from dispatcher.services.replicas import incarnation_id
 
-# claim_jobs' worker-mode limits ($9 to $11): none, as the leader claims.
-NO_LIMITS = (None, None, None)
-
 
 def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, "at": time.time(), **fields}), flush=True)
@@ -56,7 +53,7 @@ async def claim_probe(elector: Elector, dsn: str, schema: str, job_type: str) ->
             claims += 1
             rows = await conn.fetch(
                 claim, term, elector.owner_id, [job_type], [1], 1, [1], [None], claims,
-                *NO_LIMITS, timeout=2,
+                timeout=2,
             )  # fmt: skip
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
             conn = None

@@ -24,6 +24,39 @@ def test_parse_named_queries_refuses_a_repeated_name() -> None:
         parse_named_queries("-- name: one\nSELECT 1;\n-- name: one\nSELECT 2;\n")
 
 
+def test_a_fragment_is_spliced_into_every_query_that_names_it() -> None:
+    text = (
+        "-- fragment: tail\n-- what the tail does\nLIMIT $1;\n\n"
+        "-- name: one\nSELECT 1 {{tail}};\n-- name: two\nSELECT {{schema}}.x {{tail}};\n"
+    )
+    assert parse_named_queries(text) == {
+        "one": "SELECT 1 LIMIT $1",
+        "two": "SELECT {{schema}}.x LIMIT $1",
+    }
+
+
+def test_an_unknown_fragment_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no fragment named 'tail'"):
+        parse_named_queries("-- name: one\nSELECT 1 {{tail}};\n")
+
+
+def test_an_unused_fragment_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"fragments never used in queries\.sql: tail"):
+        parse_named_queries("-- fragment: tail\nLIMIT 1;\n-- name: one\nSELECT 1;\n")
+
+
+def test_a_fragment_may_not_share_a_query_name() -> None:
+    with pytest.raises(ValueError, match="fragment 'one' is defined twice"):
+        parse_named_queries("-- name: one\nSELECT 1;\n-- fragment: one\nLIMIT 1;\n")
+
+
+def test_both_claims_share_the_pick_and_start_tail() -> None:
+    queries = queries_for("dispatcher")
+    tail = "FOR UPDATE SKIP LOCKED"
+    assert tail in queries["claim_jobs"] and tail in queries["claim_jobs_worker"]
+    assert all("{{" not in sql for sql in queries.values())
+
+
 def test_queries_for_substitutes_the_quoted_schema_everywhere() -> None:
     queries = queries_for("my_app")
     assert '"my_app".jobs' in queries["get_job"]
