@@ -67,9 +67,14 @@ async def start_replica(
 ) -> Runtime:
     """A replica whose pool goes through PgBouncer and whose election connection (a
     session advisory lock) goes straight to Postgres."""
+    # The default stale_after, not the fast one: nothing here stops a replica, and on a
+    # loaded machine six server connections shared with the producers kept a job
+    # heartbeat waiting 1.8 s, past the fast setting's give-up (1.5 s): the replica
+    # rightly gave its jobs up and they ran a second attempt.
     settings = settings_for(
-        db, prepared_statements="false", election_dsn=db.dsn, replica_id="pgb", **overrides
-    )
+        db, prepared_statements="false", election_dsn=db.dsn, replica_id="pgb",
+        **{"stale_after": "30", **overrides},
+    )  # fmt: skip
     runtime = Runtime(app, settings, dsn=bouncer.dsn)
     await runtime.start()
     started.append(runtime)
