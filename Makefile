@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint chaos bench bench-long clean
+.PHONY: run test lint chaos bench bench-long bench-steady clean
 
 $(INSTALLED): pyproject.toml
 	@echo "creating $(VENV) and installing dispatcher with its dev and embedded extras..."
@@ -38,6 +38,11 @@ bench: $(INSTALLED)
 
 bench-long: $(INSTALLED)
 	$(BIN)/python -m bench.run_all --long
+
+# One replica under a fixed offered rate through clean, idle-in-transaction, recovery
+# and crash phases (bench/steady.py); about 5 minutes.
+bench-steady: $(INSTALLED)
+	$(BIN)/python -m bench.steady --rates 500,2000 --slots 16 --phase-seconds 30
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check dispatcher tests
