@@ -1,15 +1,22 @@
-"""Benchmark 2: burn-down throughput of one real replica against the raw-SQL ceiling.
+"""Benchmark 2: burn-down throughput of one real replica against raw SQL, per concurrency.
 
 N ``demo.noop`` jobs are inserted, then one ``dispatcher run dispatcher.examples:app``
-process (default settings plus ``DISPATCHER_CONCURRENCY``, 1000 here: the global
-limit of running jobs) drains them. Throughput is read from the table: jobs / (last
-finished_at - first started_at). The raw-SQL ceiling is measured in the same run,
-alternating with the burn-down, three rounds; the medians are compared.
+process (default settings plus ``DISPATCHER_CONCURRENCY``: the global limit of running
+jobs) drains them. Throughput is read from the table: jobs / (last finished_at - first
+started_at). For each concurrency C (16, 100 and 1000 by default) it is compared with
+raw SQL draining the same jobs with at most C processing at once (bench/raw_sql.py's
+N-slot baseline): the target is a ratio of at least 70% at each. The single-connection
+raw-SQL ceiling, which knows no concurrency, is measured and compared as before, so the
+history in bench/results stays comparable.
 
-    python -m bench.burndown [--jobs 20000] [--concurrency 1000] [--profile FILE]
+Each round measures the ceiling, then for each concurrency its baseline and the
+burn-down, alternating; medians of the rounds (three by default) are compared.
 
-``--profile FILE`` records the replica of the last round with py-spy (see
-bench/profile.py) and prints where its samples went.
+    python -m bench.burndown [--jobs 20000] [--concurrency 16,100,1000] [--rounds 3]
+                             [--profile FILE]
+
+``--profile FILE`` records the replica of the last burn-down (the last round, the last
+concurrency) with py-spy (see bench/profile.py) and prints where its samples went.
 """
 
 from __future__ import annotations
@@ -18,13 +25,14 @@ import argparse
 import asyncio
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import Database, Replica, Result, database
 from bench.profile import Profiler, summarize
-from bench.raw_sql import ceiling, insert_noops
+from bench.raw_sql import CONCURRENCIES, ceiling, insert_noops, parse_ints, slots_baseline
 
-CONCURRENCY = 1000
+TARGET = 0.70  # of the N-slot baseline, at each concurrency
 
 
 async def burn_down(
@@ -65,43 +73,97 @@ async def burn_down(
     return float(row["n"]) / float(row["seconds"])
 
 
+@dataclass
+class Runs:
+    """One concurrency's measurements, a figure per round."""
+
+    baselines: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+
+
+def runs(values: list[float]) -> str:
+    return ", ".join(f"{v:,.0f}" for v in values)
+
+
 async def main_async(args: argparse.Namespace) -> Result:
-    """Ceiling and burn-down alternate ``rounds`` times; medians are compared, so one
-    noisy moment on a shared machine does not decide the ratio."""
+    """The ceiling, then each concurrency's baseline and burn-down, ``rounds`` times;
+    medians are compared, so one noisy moment on a shared machine does not decide a
+    ratio."""
     result = Result("burndown")
-    ceilings, rates = [], []
+    ceilings: list[float] = []
+    by_concurrency = {c: Runs() for c in args.concurrency}
     with database() as db:
         for round_ in range(args.rounds):
             ceilings.append(await ceiling(db, args.jobs, [100, 500], Result("scratch")))
-            await db.reset()
-            profile = args.profile if round_ == args.rounds - 1 else None
-            rates.append(await burn_down(db, args.jobs, args.concurrency, profile=profile))
+            for i, concurrency in enumerate(args.concurrency):
+                measured = by_concurrency[concurrency]
+                measured.baselines.append(await slots_baseline(db, args.jobs, concurrency))
+                await db.reset()
+                last = round_ == args.rounds - 1 and i == len(args.concurrency) - 1
+                measured.rates.append(
+                    await burn_down(
+                        db, args.jobs, concurrency, profile=args.profile if last else None
+                    )
+                )
         await db.drop()
-    best, rate = statistics.median(ceilings), statistics.median(rates)
+    best = statistics.median(ceilings)
     result.add(
-        f"raw SQL ceiling, median of {args.rounds}",
-        f"{best:,.0f} jobs/s (runs: {', '.join(f'{c:,.0f}' for c in ceilings)})",
+        f"raw SQL ceiling (1 connection, no limit), median of {args.rounds}",
+        f"{best:,.0f} jobs/s (runs: {runs(ceilings)})",
         ceiling=best,
         ceilings=ceilings,
-    )
-    result.add(
-        f"dispatcher burn-down ({args.jobs:,} jobs, concurrency {args.concurrency}), median",
-        f"{rate:,.0f} jobs/s (runs: {', '.join(f'{r:,.0f}' for r in rates)})",
         jobs=args.jobs,
-        concurrency=args.concurrency,
-        dispatcher=rate,
-        runs=rates,
     )
-    result.add("ratio to the raw-SQL ceiling", f"{rate / best:.0%}", ratio=rate / best)
+    figures: dict[str, dict[str, object]] = {}
+    for concurrency, measured in by_concurrency.items():
+        baseline = statistics.median(measured.baselines)
+        rate = statistics.median(measured.rates)
+        figures[str(concurrency)] = {
+            "baseline": baseline,
+            "baselines": measured.baselines,
+            "dispatcher": rate,
+            "runs": measured.rates,
+            "ratio": rate / baseline,
+            "ratio_to_ceiling": rate / best,
+        }
+        result.add(
+            f"concurrency {concurrency}: raw SQL, {concurrency} slots, median",
+            f"{baseline:,.0f} jobs/s (runs: {runs(measured.baselines)})",
+        )
+        result.add(
+            f"concurrency {concurrency}: dispatcher burn-down, median",
+            f"{rate:,.0f} jobs/s (runs: {runs(measured.rates)})",
+        )
+        met = "met" if rate / baseline >= TARGET else "NOT met"
+        result.add(
+            f"concurrency {concurrency}: ratio to raw SQL at {concurrency} slots",
+            f"{rate / baseline:.0%} (target >= {TARGET:.0%}: {met}); "
+            f"to the ceiling {rate / best:.0%}",
+        )
+    # The figures earlier lines have, for the largest concurrency (1000 by default):
+    # the burn-down and its ratio to the ceiling.
+    top = max(by_concurrency)
+    result.add(
+        f"ratio to the raw-SQL ceiling (concurrency {top})",
+        f"{figures[str(top)]['ratio_to_ceiling']:.0%}",
+        concurrency=top,
+        dispatcher=figures[str(top)]["dispatcher"],
+        runs=figures[str(top)]["runs"],
+        ratio=figures[str(top)]["ratio_to_ceiling"],
+        concurrencies=args.concurrency,
+        by_concurrency=figures,
+    )
     return result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--jobs", type=int, default=20_000)
-    parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
+    parser.add_argument("--concurrency", type=parse_ints, default=CONCURRENCIES)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--profile", type=Path, help="py-spy raw output of the last round")
+    parser.add_argument("--profile", type=Path, help="py-spy raw output of the last burn-down")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
     result.print_table()

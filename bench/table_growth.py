@@ -20,13 +20,16 @@ import statistics
 import time
 from datetime import timedelta
 
-from bench.burndown import CONCURRENCY, burn_down
+from bench.burndown import burn_down
 from bench.common import Database, Result, database, database_beside, percentile
 from bench.raw_sql import COMPLETE
 from dispatcher.core.app import App
 from dispatcher.core.metrics import Metrics
 from dispatcher.core.queries import queries_for
 from dispatcher.services.reaper import Reaper
+
+# The burn-downs' concurrency, as bench.burndown's history line (1000).
+CONCURRENCY = 1000
 
 # Retention one day; the benchmark's settings make the leader reap often.
 REAPER_ENV = {"DISPATCHER_REAPER_INTERVAL": "0.5"}
