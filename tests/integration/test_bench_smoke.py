@@ -60,3 +60,29 @@ def test_burndown_profile_names_where_the_replica_spent_its_samples(tmp_path: Pa
     summary = run.stdout.split("profile: ", 1)[1]
     assert "self (on top of the stack):" in summary
     assert "(dispatcher/cli/main.py)" in summary.split("inclusive, dispatcher code")[1]
+
+
+@pytest.mark.timeout(180)
+def test_peers_benchmark_skips_a_peer_it_cannot_run_and_still_measures_the_dispatcher(
+    tmp_path: Path,
+) -> None:
+    # make bench-peers installs the peers into .venv-peers; make test does not, so this
+    # runs the orchestrator with an interpreter that does not exist.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+    env["DISPATCHER_BENCH_RESULTS"] = str(tmp_path)
+    missing = tmp_path / "no-such-venv" / "bin" / "python"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.peers", "--python", str(missing),
+         "--peers", "pgqueuer,procrastinate", "--jobs", "300", "--concurrency", "16",
+         "--rounds", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "pgqueuer: SKIPPED" in run.stdout and "procrastinate: SKIPPED" in run.stdout
+    (line,) = (tmp_path / "peers.jsonl").read_text().splitlines()
+    figures = json.loads(line)
+    assert figures["benchmark"] == "peers", figures
+    assert "dispatcher burn-down" in run.stdout, run.stdout
