@@ -48,20 +48,8 @@ import asyncpg
 
 from bench.common import Database, Result, database
 
-CLAIM = """
-UPDATE {jobs} SET status = 'processing', attempts = attempts + 1, started_at = now(),
-       heartbeat_at = now(), owner = 'raw-sql', term = 0
-WHERE id IN (
-    SELECT id FROM {jobs}
-    WHERE status = 'pending' AND type = 'demo.noop' AND run_at <= now()
-    ORDER BY priority, run_at, id
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
-RETURNING id
-"""
-COMPLETE = "UPDATE {jobs} SET status = 'completed', finished_at = now() WHERE id = ANY($1)"
-# Claims up to {limit} for the N-slot baseline; the rows say they were claimed.
+# Claims up to {limit} due no-ops, in claim order; the rows say they were claimed (the
+# N-slot baseline's shared step returns completed rows beside them).
 _CLAIM_FOR_SLOTS = """
 UPDATE {jobs} SET status = 'processing', attempts = attempts + 1, started_at = now(),
        heartbeat_at = now(), owner = 'raw-sql', term = 0
@@ -74,6 +62,8 @@ WHERE id IN (
 )
 RETURNING id, true AS claimed
 """
+CLAIM = _CLAIM_FOR_SLOTS.replace("{limit}", "$1")
+COMPLETE = "UPDATE {jobs} SET status = 'completed', finished_at = now() WHERE id = ANY($1)"
 # One connection: complete the loop's jobs $1 (all finished) and claim its $2 slots in
 # one round trip. The claim cannot pick the rows being completed: the statement's
 # snapshot sees them processing.
