@@ -101,6 +101,7 @@ async def claims_while_pruning(db: Database, finished: int) -> tuple[list[float]
                 [5],
                 [None],
                 1,
+                [None],
             )
             durations.append((time.perf_counter() - t0) * 1000)
             ids = [r["id"] for r in rows]

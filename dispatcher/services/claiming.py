@@ -46,6 +46,7 @@ class ClaimRequest:
     batch: int
     max_attempts: list[int]
     timeouts: list[float | None]
+    hints: list[int | None]  # where each type's priority scan starts (claim_due_jobs)
     timeout: float  # the statement's
 
 
@@ -253,7 +254,7 @@ class WorkerClaims:
 
 
 def _claim_arguments(request: ClaimRequest) -> tuple[object, ...]:
-    """claim_jobs' (and claim_jobs_worker's) $2 to $8."""
+    """claim_jobs' (and claim_jobs_worker's) $2 to $9."""
     return (
         request.owner,
         request.types,
@@ -262,4 +263,5 @@ def _claim_arguments(request: ClaimRequest) -> tuple[object, ...]:
         request.max_attempts,
         request.timeouts,
         request.number,
+        request.hints,
     )

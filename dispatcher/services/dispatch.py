@@ -30,8 +30,9 @@ import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import asyncpg
 
@@ -114,6 +115,9 @@ class Dispatcher:
         self.preparing_failed: str | None = None
         self._types = sorted(app.executors)
         self.paused: set[str] = set()
+        # Per type, the best priority its last claim took: where the next claim's scan
+        # of the claim index starts (a hint; see claim_due_jobs in sql/queries.sql).
+        self._priority_hints: dict[str, int] = {}
         self._max_attempts = [app.executors[t].max_attempts for t in self._types]
         self._timeouts = [app.executors[t].timeout for t in self._types]
         self._wait_histograms = {t: metrics.job_queue_wait.labels(t) for t in self._types}
@@ -264,6 +268,7 @@ class Dispatcher:
             attempt.task = loop.create_task(run_attempt(attempt, self._threads, self._deliver))
             claimed[attempt.job.type] += 1
         self.mode.recorded(claimed)
+        self._priority_hints.update(best_priorities(rows))
         self._metrics.claim_batch_size.observe(len(rows))
         full = len(rows) >= request.batch or any(
             claimed[t] >= free for t, free in zip(request.types, request.frees, strict=True)
@@ -303,6 +308,7 @@ class Dispatcher:
             batch=min(free_total, self._claim_batch),
             max_attempts=[self._max_attempts[i] for i in indexes],
             timeouts=[self._timeouts[i] for i in indexes],
+            hints=[self._priority_hints.get(t) for t in types],
             timeout=self._claim_timeout,
         ), limited
 
@@ -391,3 +397,13 @@ class Dispatcher:
             attempt.after = [old.task for old in earlier if old.task is not None]
         self._wait_histograms[type_].observe(row["waited"])
         return attempt
+
+
+def best_priorities(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Per type, the best (lowest) priority among claimed ``rows``."""
+    best: dict[str, int] = {}
+    for row in rows:
+        type_, priority = row["type"], row["priority"]
+        if type_ not in best or priority < best[type_]:
+            best[type_] = priority
+    return best

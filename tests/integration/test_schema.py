@@ -165,7 +165,7 @@ async def claim_buffers(conn: asyncpg.Connection, schema: str) -> tuple[int, int
     claim = conn.transaction()
     await claim.start()
     try:
-        args = (term, "claimer", ["t"], [250], 250, [3], [None], 1)
+        args = (term, "claimer", ["t"], [250], 250, [3], [None], 1, [None])
         plan = [
             r[0] for r in await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + q["claim_jobs"], *args)
         ]
@@ -204,6 +204,92 @@ async def test_the_claim_never_walks_jobs_scheduled_later(db: TestDatabase) -> N
     assert claimed == claimed_beside == 10
     # A walk through 100,000 index entries reads hundreds of pages; a probe a few.
     assert with_future - without_future < 30, (without_future, with_future)
+
+
+async def claim_rows(
+    conn: asyncpg.Connection, schema: str, hint: int | None, n: int
+) -> list[asyncpg.Record]:
+    """Claim up to ``n`` 't' jobs with priority hint ``hint``, rolled back."""
+    q = queries_for(schema)
+    term = await conn.fetchval(f'SELECT term FROM "{schema}".leader')
+    claim = conn.transaction()
+    await claim.start()
+    try:
+        rows: list[asyncpg.Record] = await conn.fetch(
+            q["claim_jobs"], term, "claimer", ["t"], [n], n, [3], [None], 1, [hint]
+        )
+    finally:
+        await claim.rollback()
+    return rows
+
+
+@pytest.mark.parametrize("hint", [None, -5, -2, 0, 1, 3, 7])
+async def test_a_priority_hint_never_hides_a_job(db: TestDatabase, hint: int | None) -> None:
+    # The hint is only where the scan starts: jobs at a better priority, at the hint's,
+    # and at worse ones are all claimed, in priority order, whatever it says.
+    conn = await db.connect()
+    try:
+        q = queries_for(db.schema)
+        await register_owner(conn, db.schema, "claimer")
+        await conn.execute(q["leader_try_elect"], f"dispatcher:leader:{db.schema}", "claimer", 60.0)
+        await conn.execute(
+            f"INSERT INTO {db.jobs} (type, priority) SELECT 't', p FROM unnest($1::int[]) p",
+            [3, 0, -2, 0, 3, -2],
+        )
+        claimed = [r["priority"] for r in await claim_rows(conn, db.schema, hint, 10)]
+        first_two = [r["priority"] for r in await claim_rows(conn, db.schema, hint, 2)]
+    finally:
+        await conn.close()
+    assert claimed == [-2, -2, 0, 0, 3, 3]
+    assert first_two == [-2, -2]
+
+
+async def test_a_right_priority_hint_spares_the_walk_a_held_snapshot_leaves(
+    db: TestDatabase,
+) -> None:
+    # Another session's snapshot (a long transaction) keeps the index entries of every
+    # job claimed since it began: the claim's first probe for the best pending priority
+    # visited each of them. Started at the priority the last claim took, it does not.
+    conn = await db.connect()
+    holder = await db.connect()
+    try:
+        q = queries_for(db.schema)
+        await register_owner(conn, db.schema, "claimer")
+        await conn.execute(q["leader_try_elect"], f"dispatcher:leader:{db.schema}", "claimer", 60.0)
+        await holder.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        await holder.fetchval("SELECT txid_current()")
+        await conn.execute(f"INSERT INTO {db.jobs} (type) SELECT 't' FROM generate_series(1, 3000)")
+        await conn.execute(
+            f"UPDATE {db.jobs} SET status = 'completed', finished_at = now() WHERE type = 't'"
+        )
+        await conn.execute(f"INSERT INTO {db.jobs} (type) SELECT 't' FROM generate_series(1, 10)")
+        fetches = {hint: await probe_heap_fetches(conn, db.schema, hint) for hint in (None, 0)}
+    finally:
+        await holder.close()
+        await conn.close()
+    assert fetches[None] >= 3000, fetches
+    assert fetches[0] < 100, fetches
+
+
+async def probe_heap_fetches(conn: asyncpg.Connection, schema: str, hint: int | None) -> int:
+    """Heap fetches of the claim's priority probes (the "priorities" CTE), under
+    EXPLAIN ANALYZE of one claim of 't' jobs with ``hint``, rolled back."""
+    q = queries_for(schema)
+    term = await conn.fetchval(f'SELECT term FROM "{schema}".leader')
+    claim = conn.transaction()
+    await claim.start()
+    try:
+        args = (term, "claimer", ["t"], [250], 250, [3], [None], 1, [hint])
+        plan = [
+            r[0] for r in await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + q["claim_jobs"], *args)
+        ]
+    finally:
+        await claim.rollback()
+    start = next(i for i, line in enumerate(plan) if "CTE priorities" in line)
+    end = next(i for i, line in enumerate(plan) if "CTE picked" in line)
+    return sum(
+        int(float(n)) for n in re.findall(r"Heap Fetches: ([\d.]+)", "\n".join(plan[start:end]))
+    )
 
 
 async def test_one_active_job_per_type_and_unique_key(db: TestDatabase) -> None:
