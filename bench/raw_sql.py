@@ -201,7 +201,14 @@ async def main_async(args: argparse.Namespace) -> Result:
 
 
 def parse_ints(text: str) -> list[int]:
-    return [int(b) for b in text.split(",")]
+    """A comma list of positive integers (an argparse type), e.g. ``16,100,1000``."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 16,100, got {text!r}")
+    return values
 
 
 def main() -> None:

@@ -54,6 +54,7 @@ from typing import Any
 import asyncpg
 
 from bench.common import Database, Replica, Result, database
+from bench.raw_sql import parse_ints
 
 PHASES = ("clean", "idle-in-tx", "recovery", "crash")
 APP = "bench.apps:steady"
@@ -409,19 +410,14 @@ async def main_async(args: argparse.Namespace) -> Result:
     return result
 
 
-def numbers(text: str) -> list[int]:
-    values = [int(part) for part in text.split(",") if part.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 500,2000, got {text!r}")
-    return values
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rates", type=numbers, default=[500, 2000], help="jobs/s offered")
-    parser.add_argument("--slots", type=numbers, default=[16, 100], help="DISPATCHER_CONCURRENCY")
+    parser.add_argument("--rates", type=parse_ints, default=[500, 2000], help="jobs/s offered")
+    parser.add_argument(
+        "--slots", type=parse_ints, default=[16, 100], help="DISPATCHER_CONCURRENCY"
+    )
     parser.add_argument("--job-ms", type=float, default=1.0, help="each job's duration")
     parser.add_argument("--phase-seconds", type=float, default=120.0)
     parser.add_argument("--restart-after", type=float, default=5.0, help="crash → new replica")
