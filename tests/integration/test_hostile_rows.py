@@ -105,11 +105,12 @@ async def test_hostile_rows_beside_a_normal_load_stop_no_other_job(
     db: TestDatabase, start_runtime: StartRuntime
 ) -> None:
     ran: list[int] = []
-    await start_runtime(hostile_app(ran))
     conn = await db.connect()
     try:
         # What the constraints cannot refuse: processing rows of an owner that does not
-        # exist, with a heartbeat from the future or from now, holding h.one's only slot.
+        # exist, with a heartbeat from the future or from now, holding h.one's only slot
+        # (inserted before the replica starts, so its leader counts them from the first
+        # claim: a leader counts rows processing elsewhere when elected).
         ghosts = [
             await conn.fetchval(
                 f"INSERT INTO {db.jobs} (type, status, attempts, owner, heartbeat_at, "
@@ -118,6 +119,7 @@ async def test_hostile_rows_beside_a_normal_load_stop_no_other_job(
             )
             for at in ("'9999-01-01'", "now()")
         ]
+        await start_runtime(hostile_app(ran))
         good: list[int] = []
         refused: dict[str, str] = {}
         started = time.monotonic()
