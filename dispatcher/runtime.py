@@ -54,6 +54,7 @@ from dispatcher.services.notifier import Notifier
 from dispatcher.services.periodic import PeriodicScheduler
 from dispatcher.services.queue_stats import QueueStats
 from dispatcher.services.reaper import Reaper
+from dispatcher.services.replica_session import ReplicaSession
 from dispatcher.services.replicas import ReplicaRegistry, incarnation_id
 from dispatcher.services.slots import Slots
 from dispatcher.services.wakeup import Wakeup
@@ -124,6 +125,8 @@ class Runtime:
         for hook in self.app.startup_hooks:
             await hook()
         await self.registry.run_once()
+        if self.session is not None:
+            self._tasks.always.append(self._supervised("session", self.session.run))
         for name, run in (
             ("notifier", self.notifier.run),
             ("elector", self.elector.run),
@@ -172,6 +175,22 @@ class Runtime:
             owner_id=self.owner_id,
             exit_process=self._exit_process,
         )
+        self.session = (
+            ReplicaSession(
+                s.election_dsn or self.dsn,
+                s.schema,
+                self.owner_id,
+                async_types=[t for t, spec in self.app.executors.items() if spec.is_async],
+                slots=self.slots,
+                pool=pool,
+                on_claims_allowed=lambda: self.wakeup.wake("session"),
+                interval=s.heartbeat_interval,
+                stale_after=s.stale_after,
+                metrics=metrics,
+            )
+            if s.replica_sessions
+            else None
+        )
         self.heartbeat = JobHeartbeat(
             pool,
             s.schema,
@@ -199,6 +218,7 @@ class Runtime:
             on_progress=self.heartbeat.progress_changed,
             # Past the heartbeat's give-up point the reaper may already have rescued it.
             start_within=self.heartbeat.give_up_after,
+            session=self.session,
         )
 
     def _claim_mode(self) -> ClaimMode:
@@ -230,6 +250,8 @@ class Runtime:
             unknown_type_grace=s.unknown_type_grace,
             retention_completed=s.retention_completed,
             retention_failed=s.retention_failed,
+            orphan_grace=s.orphan_grace,
+            on_rescued=lambda: self.wakeup.wake("rescue"),
             metrics=metrics,
         )
         self.elector = Elector(
@@ -438,6 +460,7 @@ class Runtime:
         self.dispatcher.elected(term)
         for name, run in (
             ("reaper", self.reaper.run),
+            ("orphan_watch", self.reaper.watch_orphans),
             ("queue_stats", self.queue_stats.run),
             ("periodic", self.periodic.run),
         ):

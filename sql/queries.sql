@@ -599,6 +599,81 @@ RETURNING j.id, j.type, j.status;
 SELECT count(*)::integer FROM {{schema}}.jobs WHERE status = 'processing' AND owner = $1;
 
 -- ---------------------------------------------------------------------------------
+-- Replica sessions: a replica's own session and lock say its process is alive
+-- (see replica_session.py; the lock's first key is hashtext($lock_name) & 2147483647)
+-- ---------------------------------------------------------------------------------
+
+-- name: session_lock
+-- On the replica's session: take the lock (key of lock name $1, this backend's pid).
+-- Nobody else can hold it: no other live session has our pid. pid: to compare with
+-- the connection's own (a pooler in between shows a pid of its own).
+SELECT pg_try_advisory_lock(hashtext($1) & 2147483647, pg_backend_pid()) AS locked,
+       pg_backend_pid() AS pid;
+
+-- name: session_record
+-- On the replica's session: record it on replica $1's row with its async types $2,
+-- unless the row already says so. registered false: the row is missing (pruned while
+-- we were cut off); the registry's next heartbeat writes it again.
+WITH recorded AS (
+    UPDATE {{schema}}.replicas SET
+        session_pid = pg_backend_pid(),
+        session_server_started = pg_postmaster_start_time(),
+        async_types = $2
+    WHERE id = $1
+      AND (session_pid IS DISTINCT FROM pg_backend_pid()
+           OR session_server_started IS DISTINCT FROM pg_postmaster_start_time()
+           OR async_types IS DISTINCT FROM $2::text[])
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM {{schema}}.replicas WHERE id = $1) AS registered,
+       (SELECT count(*) FROM recorded) > 0 AS written;
+
+-- name: session_forget
+-- Through the pool: strike session $2 (lost) from replica $1's row, unless a newer one
+-- is recorded already. The leader then rescues nothing of ours early.
+UPDATE {{schema}}.replicas SET session_pid = NULL, session_server_started = NULL
+WHERE id = $1 AND session_pid = $2;
+
+-- fragment: session_gone
+-- Replica row r's recorded session, on this server run, no longer holds its lock
+-- ($1: lock name). On another server run (a restart, a fail-over) a free lock proves
+-- nothing: nobody holds anything there yet.
+r.session_server_started = pg_postmaster_start_time()
+AND NOT EXISTS (
+    SELECT 1 FROM pg_locks k
+    WHERE k.locktype = 'advisory'
+      AND k.granted
+      AND k.pid = r.session_pid
+      AND k.classid = (hashtext($1) & 2147483647)::oid
+      AND k.objid = r.session_pid::oid
+      AND k.objsubid = 2
+)
+
+-- name: orphaned_owners
+-- Replicas whose recorded session no longer holds its lock ($1: lock name), on this
+-- server run: their process died, or their session was ended under them.
+SELECT r.id, r.session_pid
+FROM {{schema}}.replicas r
+WHERE r.session_pid IS NOT NULL
+  AND {{session_gone}};
+
+-- name: orphaned_jobs
+-- Lock up to $4 processing jobs of owners $2[i] whose session $3[i] is still recorded
+-- and still gone ($1: lock name), of the types those owners stop at once on losing
+-- it (async_types). Same shape as stale_jobs, for rescue_jobs in the same transaction.
+SELECT j.id, j.type, j.attempts, j.max_attempts,
+       format('orphaned: owner %s lost its database session (its process died or was cut off)',
+              j.owner) AS error
+FROM unnest($2::text[], $3::integer[]) AS o(owner, pid)
+JOIN {{schema}}.replicas r ON r.id = o.owner AND r.session_pid = o.pid
+JOIN {{schema}}.jobs j ON j.owner = o.owner
+WHERE j.status = 'processing'
+  AND j.type = ANY(r.async_types)
+  AND {{session_gone}}
+LIMIT $4
+FOR UPDATE OF j SKIP LOCKED;
+
+-- ---------------------------------------------------------------------------------
 -- Reaper (leader only)
 -- ---------------------------------------------------------------------------------
 

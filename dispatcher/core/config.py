@@ -28,6 +28,9 @@ from dispatcher.core.schema import DEFAULT_SCHEMA, validate_schema_name
 ENV_PREFIX = "DISPATCHER_"
 # Read from the environment but not settings of a running dispatcher.
 _OTHER_ENV = {"DISPATCHER_CONFIG", "DISPATCHER_TEST_DSN"}
+# Less than this leaves a replica that lost its session too little time to stop its
+# attempts before the leader rescues them (see replica_session.py).
+MIN_ORPHAN_GRACE = 0.25
 # Kubernetes injects <SERVICE>_PORT, <SERVICE>_SERVICE_HOST, ... for a Service named
 # "dispatcher"; they are not ours and must not be reported as typos.
 _KUBERNETES_SERVICE_ENV = re.compile(r"DISPATCHER_(PORT|SERVICE_[A-Z_]+|PORT_\d+_[A-Z]+.*)")
@@ -170,6 +173,18 @@ class Settings:
         30.0, parse_duration, "a processing job unheartbeated this long is rescued"
     )
     reaper_interval: float = _setting(5.0, parse_duration, "how often the leader's reaper runs")
+    replica_sessions: bool = _setting(
+        True,
+        parse_bool,
+        "each replica holds a session lock of its own; when its process dies, the leader "
+        "rescues its async jobs within orphan_grace instead of stale_after (needs a "
+        "session DSN that reaches PostgreSQL directly, like the election's)",
+    )
+    orphan_grace: float = _setting(
+        1.0,
+        parse_duration,
+        "how long a replica's session lock must be gone before its async jobs are rescued",
+    )
     unknown_type_grace: float | None = _setting(
         None,
         parse_duration,
@@ -232,6 +247,11 @@ class Settings:
             problems.append(
                 f"heartbeat_interval ({self.heartbeat_interval:g}s) must be shorter than "
                 f"lease ({self.lease:g}s), or the lease lapses between renewals"
+            )
+        if self.orphan_grace < MIN_ORPHAN_GRACE:
+            problems.append(
+                f"orphan_grace ({self.orphan_grace:g}s) must be at least {MIN_ORPHAN_GRACE:g}s: "
+                "it is the time a replica that lost its session has to stop its attempts"
             )
         if self.heartbeat_interval * 3 >= self.stale_after:
             problems.append(

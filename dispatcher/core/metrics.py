@@ -52,6 +52,7 @@ class Service(StrEnum):
     QUEUE_STATS = "queue_stats"
     REAPER = "reaper"
     REPLICAS = "replicas"
+    SESSION = "session"
 
 
 class LeaderEvent(StrEnum):
@@ -65,7 +66,7 @@ class LeaderEvent(StrEnum):
 # callers of Wakeup.wake name them; tests/unit/deploy checks that this list has them all.
 WAKEUP_SOURCES = (
     "start", "election", "notify", "poll", "timer", "slot", "retry", "control",
-    "reconnect", "hand_back", "handed_back",
+    "reconnect", "hand_back", "handed_back", "session", "rescue",
 )  # fmt: skip
 
 M = TypeVar("M", Counter, Gauge, Histogram)

@@ -71,6 +71,12 @@ class SchemaNames:
         return f"dispatcher:leader:{self.schema}"
 
     @property
+    def session_lock_name(self) -> str:
+        """Text hashed by Postgres (hashtext) into the first key of every replica's
+        session lock; the second key is the holding backend's pid."""
+        return f"dispatcher:session:{self.schema}"
+
+    @property
     def migration_lock_name(self) -> str:
         """Text hashed by Postgres into the advisory lock key migrations run under."""
         return f"dispatcher:migrate:{self.schema}"

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -48,6 +48,15 @@ from dispatcher.services.executor import Attempt, CancelReason, Outcome, run_att
 from dispatcher.services.job import Job
 from dispatcher.services.slots import Slots
 from dispatcher.services.wakeup import Wakeup
+
+
+class SessionState(Protocol):
+    """The replica's session (:class:`~dispatcher.services.replica_session.ReplicaSession`)
+    as the claim loop sees it."""
+
+    claims_allowed: bool
+    generation: int
+
 
 CLAIM_SLICES = 4
 CLAIM_BATCH_MIN = 100
@@ -78,6 +87,7 @@ class Dispatcher:
         claim_timeout: float = CLAIM_TIMEOUT,
         on_progress: Callable[[Job], None] | None = None,
         start_within: float = math.inf,
+        session: SessionState | None = None,
     ) -> None:
         self.app = app
         self.owner_id = owner_id
@@ -99,6 +109,7 @@ class Dispatcher:
         self._on_progress = on_progress
         # An attempt not started this long after its claim may have been rescued.
         self._start_within = start_within
+        self._session = session
         self._metrics = metrics
         self._log = get_logger("dispatch")
         self._loop_task: asyncio.Task[None] | None = None
@@ -248,6 +259,10 @@ class Dispatcher:
     async def _claim_and_start(self) -> bool:
         if not self.mode.claiming() or not self.app.executors:
             return False
+        session = self._session
+        if session is not None and not session.claims_allowed:
+            return False  # we are woken when they are again
+        generation = session.generation if session is not None else 0
         await self.mode.refresh(self._pool)
         request, limited = self._request()
         if request is None:
@@ -263,6 +278,11 @@ class Dispatcher:
         claimed: Counter[str] = Counter()
         loop = asyncio.get_running_loop()
         attempts = [self._attempt(row, start_by) for row in rows]
+        if session is not None and session.generation != generation:
+            # The session was lost while the claim was in flight: the leader may rescue
+            # these rows within orphan_grace, so they end at their start, unrun.
+            for attempt in attempts:
+                attempt.cancel(CancelReason.SESSION_LOST)
         self.slots.add(attempts)
         for attempt in attempts:
             attempt.task = loop.create_task(run_attempt(attempt, self._threads, self._deliver))

@@ -52,6 +52,7 @@ class CancelReason(enum.StrEnum):
     SHUTDOWN = "shutdown"
     TAKEN_OVER = "taken over by another replica"
     DATABASE_LOST = "lost contact with the database"
+    SESSION_LOST = "lost its database session"  # see replica_session.py
     TIMED_OUT = "timed out"  # a thread's timeout: the thread is asked to stop
 
 
@@ -169,6 +170,16 @@ def _cancelled(attempt: Attempt) -> Outcome:
     return _failure(attempt, f"abandoned: {reason}", None)
 
 
+def _cancelled_unstarted(attempt: Attempt) -> Outcome:
+    """Cancelled between its claim and its start. A job whose replica lost its session
+    meanwhile goes back unrun and unspent (if the leader rescued it first, the
+    completer's fencing drops this)."""
+    if attempt.cancel_reason is CancelReason.SESSION_LOST:
+        job = attempt.job
+        return Outcome(job.id, job.attempt, job.type, OutcomeKind.REQUEUE)
+    return _cancelled(attempt)
+
+
 async def run_attempt(
     attempt: Attempt,
     threads: ThreadPoolExecutor,
@@ -189,7 +200,7 @@ async def run_attempt(
     outcome: Outcome | None = None
     try:
         if attempt.cancel_reason is not None:
-            outcome = _cancelled(attempt)  # cancelled between its claim and its start
+            outcome = _cancelled_unstarted(attempt)
         elif spec.is_async:
             if timeout is None:  # most jobs: no timer to arm
                 result = await spec.function(job)

@@ -4,6 +4,10 @@
   partition, pause). Its attempt is recorded as failed ("stale: owner stopped
   heartbeating"), then it is retried with the type's backoff, or failed when out of
   attempts.
+* Orphans: every ORPHAN_WATCH_INTERVAL, replicas whose session lock is gone (their
+  process died; see :mod:`dispatcher.services.replica_session`); once seen so for
+  ``orphan_grace``, their async attempts are rescued the same way, without waiting
+  for ``stale_after``.
 * Unknown types: a pending job of a type no live replica has an executor for stays
   pending (a newer replica may bring it during a rolling deploy); once due for longer
   than the grace period it fails with "no executor registered for type 'x'".
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -28,12 +33,15 @@ from dispatcher.core.app import App
 from dispatcher.core.log import get_logger
 from dispatcher.core.metrics import Metrics, Service
 from dispatcher.core.queries import queries_for
+from dispatcher.core.schema import SchemaNames
 from dispatcher.services.service_loop import run_every
 
 BATCH = 1000
 PRUNE_BATCH = 2000
 PRUNE_BATCHES_PER_PASS = 50
 PRUNE_PAUSE = 0.01
+# How often the leader looks for replicas whose session ended.
+ORPHAN_WATCH_INTERVAL = 0.25
 
 
 @dataclass
@@ -58,6 +66,8 @@ class Reaper:
         unknown_type_grace: float | None = None,
         retention_completed: float = 86400.0,
         retention_failed: float = 14 * 86400.0,
+        orphan_grace: float = 1.0,
+        on_rescued: Callable[[], None] | None = None,
         metrics: Metrics,
     ) -> None:
         self._pool = pool
@@ -73,6 +83,11 @@ class Reaper:
             (["completed", "cancelled"], retention_completed),
             (["failed"], retention_failed),
         )
+        self._orphan_grace = orphan_grace
+        self._on_rescued = on_rescued
+        self._session_lock_name = SchemaNames(schema).session_lock_name
+        # (owner, session pid) -> when this leader first saw that session gone.
+        self._orphans_seen: dict[tuple[str, int], float] = {}
         self._metrics = metrics
         self._log = get_logger("reaper")
 
@@ -85,6 +100,18 @@ class Reaper:
             metrics=self._metrics,
             log=self._log,
             failed="reaper_failed",
+        )
+
+    async def watch_orphans(self) -> None:
+        """Rescue orphans every ORPHAN_WATCH_INTERVAL (while leading)."""
+        self._orphans_seen.clear()  # sightings from an earlier term are not ours to trust
+        await run_every(
+            self.rescue_orphaned,
+            ORPHAN_WATCH_INTERVAL,
+            service=Service.REAPER,
+            metrics=self._metrics,
+            log=self._log,
+            failed="orphan_watch_failed",
         )
 
     async def run_once(self) -> ReapReport:
@@ -104,8 +131,34 @@ class Reaper:
         return report
 
     async def rescue_stale(self) -> list[tuple[int, str, str]]:
+        return await self._rescue("stale_jobs", self._stale_after, BATCH)
+
+    async def rescue_orphaned(self) -> list[tuple[int, str, str]]:
+        """Rescue the async attempts of replicas whose session has been gone for
+        ``orphan_grace``: the time their owner had to cancel them (it does so the
+        moment it loses its session)."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(self._queries["orphaned_owners"], self._session_lock_name)
+        now = time.monotonic()
+        gone = {(row["id"], row["session_pid"]) for row in rows}
+        self._orphans_seen = {key: self._orphans_seen.get(key, now) for key in gone}
+        ripe = [key for key, seen in self._orphans_seen.items() if now - seen >= self._orphan_grace]
+        rescued: list[tuple[int, str, str]] = []
+        while ripe:
+            owners, pids = [owner for owner, _ in ripe], [pid for _, pid in ripe]
+            batch = await self._rescue(
+                "orphaned_jobs", self._session_lock_name, owners, pids, BATCH
+            )
+            rescued.extend(batch)
+            if len(batch) < BATCH:
+                break
+        return rescued
+
+    async def _rescue(self, query: str, *args: object) -> list[tuple[int, str, str]]:
+        """Lock jobs with ``query`` (stale_jobs or orphaned_jobs) and rescue them in
+        the same transaction: retry with the type's backoff, or fail for good."""
         async with self._pool.acquire() as conn, conn.transaction():
-            stale = await conn.fetch(self._queries["stale_jobs"], self._stale_after, BATCH)
+            stale = await conn.fetch(self._queries[query], *args)
             if not stale:
                 return []
             ids, delays, retries, errors = [], [], [], []
@@ -118,6 +171,8 @@ class Reaper:
                 errors.append(row["error"])
             rows = await conn.fetch(self._queries["rescue_jobs"], ids, delays, retries, errors)
         rescued = [(row["id"], row["type"], row["status"]) for row in rows]
+        if rescued and self._on_rescued is not None:
+            self._on_rescued()  # their slots are free now: the claim loop may use them
         for job_id, type_, status in rescued:
             self._log.warning("job_rescued", job_id=job_id, type=type_, status=status)
             self._metrics.jobs_rescued.labels(type_).inc()

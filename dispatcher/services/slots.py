@@ -123,9 +123,14 @@ class Slots:
         if freed:
             self._wakeup.slot_freed()
 
-    def cancel_all(self, reason: CancelReason) -> int:
-        """Stop every held attempt for ``reason``; how many were told to."""
-        return sum(attempt.cancel(reason) for attempt in list(self._attempts))
+    def cancel_all(self, reason: CancelReason, *, async_only: bool = False) -> int:
+        """Stop every held attempt (or only those of async executors, which stop at
+        once) for ``reason``; how many were told to."""
+        return sum(
+            attempt.cancel(reason)
+            for attempt in list(self._attempts)
+            if attempt.spec.is_async or not async_only
+        )
 
     async def drain(self, timeout: float | None) -> bool:
         """Wait until no attempt is held (all written); False on timeout."""

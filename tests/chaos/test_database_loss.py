@@ -1,5 +1,9 @@
 """A replica that cannot reach the database stops its own jobs before the reaper's
-retry could run beside them; when the database returns, nothing is lost."""
+retry could run beside them; when the database returns, nothing is lost.
+
+With its replica session (the default) it stops its async jobs the moment that
+session ends (the server's shutdown closes it); without one, when its job heartbeats
+have failed for the give-up time."""
 
 from __future__ import annotations
 
@@ -22,8 +26,15 @@ from tests.support.waiting import eventually
 pytestmark = pytest.mark.chaos
 
 
+@pytest.mark.parametrize(
+    ("sessions", "reason", "error"),
+    [
+        ("true", CancelReason.SESSION_LOST, "abandoned: lost its database session"),
+        ("false", CancelReason.DATABASE_LOST, "abandoned: lost contact with the database"),
+    ],
+)
 async def test_jobs_are_abandoned_when_the_database_is_gone_and_retried_after(
-    tmp_path: Path,
+    tmp_path: Path, sessions: str, reason: CancelReason, error: str
 ) -> None:
     seen.clear()
     with private_postgres(tmp_path / "pg") as server:
@@ -31,7 +42,12 @@ async def test_jobs_are_abandoned_when_the_database_is_gone_and_retried_after(
         schema = await migrated_schema(dsn)
         env = fast_env()
         settings, _ = load_settings(
-            env={**env, "DISPATCHER_SCHEMA": schema, "DISPATCHER_STALE_AFTER": "3"}
+            env={
+                **env,
+                "DISPATCHER_SCHEMA": schema,
+                "DISPATCHER_STALE_AFTER": "3",
+                "DISPATCHER_REPLICA_SESSIONS": sessions,
+            }
         )
         runtime = Runtime(make_app(), settings, dsn=dsn)
         await runtime.start()
@@ -48,7 +64,7 @@ async def test_jobs_are_abandoned_when_the_database_is_gone_and_retried_after(
             )
             await asyncio.to_thread(server.stop, "fast")
             await eventually(
-                lambda: asyncio.sleep(0, attempt.cancel_reason is CancelReason.DATABASE_LOST),
+                lambda: asyncio.sleep(0, attempt.cancel_reason is reason),
                 timeout=runtime.heartbeat.give_up_after + 3,
                 what="the replica to abandon its job",
             )
@@ -72,5 +88,5 @@ async def test_jobs_are_abandoned_when_the_database_is_gone_and_retried_after(
     assert [a for a, _ in seen[job_id]] == [1, 2]
     assert json.loads(row["result"]) == 2
     assert json.loads(row["errors"])[0]["error"].startswith(
-        ("abandoned: lost contact with the database", "stale: owner stopped heartbeating")
+        (error, "stale: owner stopped heartbeating")
     )

@@ -78,6 +78,10 @@ async def test_leader_killed_with_200_jobs_in_flight_loses_none(
         (completing,) = completions[job["id"]]  # exactly one attempt completed
         assert (completing["attempt"], completing["pid"]) == (result["attempt"], survivor.pid)
         errors = json.loads(job["errors"])
-        assert errors[0]["error"].startswith("stale: owner stopped heartbeating")
+        # Rescued because the victim's session lock went (replica_session.py), or, had
+        # the new leader been slower than stale_after, because its heartbeats stopped.
+        assert errors[0]["error"].startswith(
+            ("orphaned: owner", "stale: owner stopped heartbeating")
+        ), errors
     killed = [row for row in log if row["pid"] == victim.pid]
     assert len(killed) == 200 and all(row["ended_at"] is None for row in killed)

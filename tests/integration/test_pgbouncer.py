@@ -72,8 +72,8 @@ async def start_replica(
     # heartbeat waiting 1.8 s, past the fast setting's give-up (1.5 s): the replica
     # rightly gave its jobs up and they ran a second attempt.
     settings = settings_for(
-        db, prepared_statements="false", election_dsn=db.dsn, replica_id="pgb",
-        **{"stale_after": "30", **overrides},
+        db, prepared_statements="false", replica_id="pgb",
+        **{"stale_after": "30", "election_dsn": db.dsn, **overrides},
     )  # fmt: skip
     runtime = Runtime(app, settings, dsn=bouncer.dsn)
     await runtime.start()
@@ -357,3 +357,78 @@ async def test_a_migration_through_a_transaction_pooler_is_reported_as_such(
     finally:
         await other.close()
         await conn.close()
+
+
+# What the replica's connections ask of the server at startup, which PgBouncer 1.18
+# refuses unless told to ignore them (docs/operations.md, PgBouncer).
+SESSION_STARTUP_PARAMETERS = (
+    "tcp_keepalives_idle,tcp_keepalives_interval,tcp_keepalives_count,tcp_user_timeout,"
+    "idle_session_timeout,client_connection_check_interval"
+)
+
+
+async def test_a_replica_session_behind_a_pooler_records_nothing_and_claims_go_on(
+    postgres: PostgresServer, db: TestDatabase, through_pgbouncer: list[Runtime]
+) -> None:
+    # A session-mode pool ties the session lock to a server connection whose life is
+    # the pooler's, not the replica's: its loss would prove nothing.
+    with running_pgbouncer(
+        postgres.dsn, pool_mode="session", ignored=SESSION_STARTUP_PARAMETERS
+    ) as bouncer:
+        app, runs = counting_app()
+        settings = settings_for(db, election_dsn=bouncer.dsn, replica_id="pooled")
+        runtime = Runtime(app, settings, dsn=db.dsn)
+        await runtime.start()
+        through_pgbouncer.append(runtime)
+        session = runtime.session
+        assert session is not None
+        await eventually(
+            lambda: asyncio.sleep(0, session.behind_a_pooler),
+            timeout=15,
+            what="the session to find the pooler",
+        )
+        conn = await db.connect()
+        try:
+            job_id = await conn.fetchval(
+                f"INSERT INTO {db.jobs} (type) VALUES ('pgb.async') RETURNING id"
+            )
+
+            async def completed() -> bool:
+                status = await conn.fetchval(f"SELECT status FROM {db.jobs} WHERE id = $1", job_id)
+                return bool(status == "completed")
+
+            await eventually(completed, timeout=15, what="the job to run all the same")
+            recorded = await conn.fetchval(
+                f'SELECT session_pid FROM "{db.schema}".replicas WHERE id = $1', runtime.owner_id
+            )
+        finally:
+            await conn.close()
+        assert recorded is None and session.recorded_pid is None
+        assert runs[job_id] == 1
+
+
+async def test_claims_go_on_when_the_replica_session_cannot_connect(
+    db: TestDatabase, pgbouncer: PgBouncer, through_pgbouncer: list[Runtime]
+) -> None:
+    # Worker mode needs no leader; the session DSN through a transaction pooler that
+    # refuses its startup parameters never connects. Nothing is recorded, so there
+    # is nothing the leader could rescue early: claims go on, on the stale_after path.
+    app, runs = counting_app()
+    runtime = await start_replica(
+        app, db, pgbouncer, through_pgbouncer, election_dsn=pgbouncer.dsn, mode="all"
+    )
+    conn = await db.connect()
+    try:
+        job_id = await conn.fetchval(
+            f"INSERT INTO {db.jobs} (type) VALUES ('pgb.async') RETURNING id"
+        )
+
+        async def completed() -> bool:
+            status = await conn.fetchval(f"SELECT status FROM {db.jobs} WHERE id = $1", job_id)
+            return bool(status == "completed")
+
+        await eventually(completed, timeout=15, what="the job to run without a session")
+    finally:
+        await conn.close()
+    assert runtime.session is not None and runtime.session.recorded_pid is None
+    assert runs[job_id] == 1

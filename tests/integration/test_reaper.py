@@ -25,15 +25,19 @@ import pytest
 
 from dispatcher.core.app import App
 from dispatcher.core.metrics import Metrics
+from dispatcher.core.queries import queries_for
 from dispatcher.core.retry import RetryPolicy
+from dispatcher.core.schema import SchemaNames
 from dispatcher.services import reaper as reaper_module
 from dispatcher.services.job import Job
 from dispatcher.services.reaper import Reaper
 from tests.support.apps import make_app
 from tests.support.database import TestDatabase
+from tests.support.waiting import eventually
 
 STALE_AFTER = 30.0
 GRACE = 60.0
+ORPHAN_GRACE = 0.2
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ def make_reaper(pool: asyncpg.Pool, schema: str, app: App, metrics: Metrics) -> 
         unknown_type_grace=GRACE,
         retention_completed=86400,
         retention_failed=14 * 86400,
+        orphan_grace=ORPHAN_GRACE,
         metrics=metrics,
     )
 
@@ -112,6 +117,27 @@ class Harness:
         )
         assert row is not None, f"job {job_id} is gone"
         return dict(row)
+
+    async def replica_with_session(self, owner: str, async_types: list[str]) -> asyncpg.Connection:
+        """A replica row for ``owner`` whose session (returned, holding the session
+        lock) is recorded, as replica_session.py does it."""
+        queries = queries_for(self.db.schema)
+        await self.conn.execute(
+            queries["replica_heartbeat"], owner, owner, "test", 0, "test", "standby", []
+        )
+        session = await self.db.connect()
+        lock = SchemaNames(self.db.schema).session_lock_name
+        assert await session.fetchval(queries["session_lock"], lock)
+        row = await session.fetchrow(queries["session_record"], owner, async_types)
+        assert row is not None and row["registered"] and row["written"]
+        return session
+
+    async def orphaned_owners(self) -> list[tuple[str, int]]:
+        rows = await self.conn.fetch(
+            queries_for(self.db.schema)["orphaned_owners"],
+            SchemaNames(self.db.schema).session_lock_name,
+        )
+        return [(row["id"], row["session_pid"]) for row in rows]
 
     def counted(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
@@ -306,3 +332,60 @@ async def test_prune_deletes_only_jobs_past_their_retention(
         ("pending", None): 10,
     }
     assert metrics.registry.get_sample_value("dispatcher_jobs_pruned_total") == 7500
+
+
+async def test_a_replica_whose_session_ended_has_its_async_jobs_rescued_after_the_grace(
+    harness: Harness,
+) -> None:
+    h = harness
+    dead = await h.replica_with_session("dead-2-abc", ["r.work"])
+    alive = await h.replica_with_session("alive-2-abc", ["r.work"])
+    try:
+        # Heartbeated just now: stale_after is far away, only the session can tell.
+        orphan = await h.processing(heartbeat="now()", owner="dead-2-abc", attempts=1)
+        threaded = await h.processing(heartbeat="now()", owner="dead-2-abc", type_="r.thread")
+        running = await h.processing(heartbeat="now()", owner="alive-2-abc")
+        assert await h.orphaned_owners() == []
+        assert await h.reaper.rescue_orphaned() == []
+
+        dead_pid = dead.get_server_pid()
+        await dead.close()
+        await eventually(
+            lambda: h.orphaned_owners(), timeout=10, what="the closed session's lock to be free"
+        )
+        # First sighting: the owner gets orphan_grace to have stopped its attempts.
+        assert await h.reaper.rescue_orphaned() == []
+        assert (await h.row(orphan))["status"] == "processing"
+
+        rescued = await eventually(
+            h.reaper.rescue_orphaned, timeout=10, what="the orphan's rescue after the grace"
+        )
+        assert rescued == [(orphan, "r.work", "pending")]
+        row = await h.row(orphan)
+        assert row["owner"] == "dead-2-abc" and row["attempts"] == 1
+        assert row["last_error"] == (
+            "orphaned: owner dead-2-abc lost its database session (its process died or was cut off)"
+        )
+        # A plain def executor's thread cannot be stopped at once: stale_after path.
+        assert (await h.row(threaded))["status"] == "processing"
+        assert (await h.row(running))["status"] == "processing"
+        assert await h.orphaned_owners() == [("dead-2-abc", dead_pid)]
+        assert await h.reaper.rescue_orphaned() == []
+    finally:
+        await alive.close()
+
+
+async def test_a_free_session_lock_proves_nothing_on_another_server_run(harness: Harness) -> None:
+    h = harness
+    session = await h.replica_with_session("restarted-1-abc", ["r.work"])
+    pid = session.get_server_pid()
+    await session.close()
+    await eventually(h.orphaned_owners, timeout=10, what="the closed session's lock to be free")
+    assert await h.orphaned_owners() == [("restarted-1-abc", pid)]
+    # Recorded before a restart (or on the primary before a fail-over): here nobody
+    # holds anything yet, so a free lock says nothing about the replica.
+    await h.conn.execute(
+        f'UPDATE "{h.db.schema}".replicas '
+        "SET session_server_started = session_server_started - interval '1 hour'"
+    )
+    assert await h.orphaned_owners() == []

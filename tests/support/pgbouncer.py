@@ -88,9 +88,11 @@ def _accepts(port: int) -> bool:
         return False
 
 
-def config_text(server_dsn: str, *, port: int, auth_file: Path, pool_mode: str) -> str:
+def config_text(
+    server_dsn: str, *, port: int, auth_file: Path, pool_mode: str, ignored: str = ""
+) -> str:
     """A pgbouncer.ini for the database of ``server_dsn`` (the one docs/operations.md
-    shows, with this test's addresses)."""
+    shows, with this test's addresses); ``ignored``: its ignore_startup_parameters."""
     server = conninfo_to_dict(server_dsn)
     dbname = str(server.get("dbname") or server.get("user") or "postgres")
     target = [
@@ -115,11 +117,13 @@ auth_file = {auth_file}
 pool_mode = {pool_mode}
 default_pool_size = {SERVER_POOL_SIZE}
 max_client_conn = 200
-"""
+""" + (f"ignore_startup_parameters = {ignored}\n" if ignored else "")
 
 
 @contextmanager
-def running_pgbouncer(server_dsn: str, *, pool_mode: str = "transaction") -> Iterator[PgBouncer]:
+def running_pgbouncer(
+    server_dsn: str, *, pool_mode: str = "transaction", ignored: str = ""
+) -> Iterator[PgBouncer]:
     """Start PgBouncer in front of ``server_dsn``'s database; stop it afterwards."""
     binary = pgbouncer_binary()
     server = conninfo_to_dict(server_dsn)
@@ -134,7 +138,9 @@ def running_pgbouncer(server_dsn: str, *, pool_mode: str = "transaction") -> Ite
     auth_file.write_text(f'"{user}" ""\n', encoding="utf-8")
     port = _free_port()
     config = folder / "pgbouncer.ini"
-    text = config_text(server_dsn, port=port, auth_file=auth_file, pool_mode=pool_mode)
+    text = config_text(
+        server_dsn, port=port, auth_file=auth_file, pool_mode=pool_mode, ignored=ignored
+    )
     config.write_text(text, encoding="utf-8")
     for path in (auth_file, config):
         path.chmod(0o644)

@@ -72,6 +72,10 @@ def test_every_mistake_is_reported_once_each(tmp_path: Path) -> None:
 def test_settings_that_contradict_each_other() -> None:
     with pytest.raises(ConfigError, match=r"heartbeat_interval .* must be shorter than lease"):
         load_settings(env={"DISPATCHER_HEARTBEAT_INTERVAL": "20s", "DISPATCHER_STALE_AFTER": "5m"})
+    with pytest.raises(ConfigError, match=r"orphan_grace \(0.1s\) must be at least 0.25s"):
+        load_settings(env={"DISPATCHER_ORPHAN_GRACE": "100ms"})
+    settings, _ = load_settings(env={"DISPATCHER_ORPHAN_GRACE": "250ms"})
+    assert (settings.orphan_grace, settings.replica_sessions) == (0.25, True)
 
 
 def test_unknown_variables_warn_but_kubernetes_service_links_do_not() -> None:
