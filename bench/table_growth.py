@@ -102,6 +102,8 @@ async def claims_while_pruning(db: Database, finished: int) -> tuple[list[float]
                 [None],
                 1,
                 [None],
+                [None],
+                [None],
             )
             durations.append((time.perf_counter() - t0) * 1000)
             ids = [r["id"] for r in rows]

@@ -283,7 +283,7 @@ class Runtime:
 
     def _subscribe(self) -> None:
         notifier, names, wakeup = self.notifier, self.names, self.wakeup
-        notifier.subscribe(names.jobs_channel, lambda _: wakeup.wake("notify"))
+        notifier.subscribe(names.jobs_channel, self._jobs_inserted)
         notifier.subscribe(names.cancel_channel, self._cancel_hinted)
         notifier.subscribe(names.control_channel, lambda _: wakeup.wake("control"))
         notifier.on_reconnect(lambda: wakeup.wake("reconnect"))
@@ -471,6 +471,12 @@ class Runtime:
         await cancel_and_wait(self._tasks.leading)
         self._tasks.leading.clear()
         self.periodic.forget()
+
+    def _jobs_inserted(self, payload: str) -> None:
+        """An insert NOTIFY: claim now, from the start for the types it names as late
+        (see claim_cursors.py)."""
+        self.dispatcher.cursors.heard(payload)
+        self.wakeup.wake("notify")
 
     def _cancel_hinted(self, payload: str) -> None:
         """A cancel NOTIFY is a hint, not an order: anyone may send one. If it names a

@@ -244,7 +244,8 @@ ORDER BY started_at, id;
 
 -- fragment: claim_due_jobs
 -- What both claims share, after their fence (one row if the claim may go on, with
--- "at", the claim's time) and capacity (type, free, max_attempts, timeout, hint) CTEs:
+-- "at", the claim's time) and capacity (type, free, max_attempts, timeout, hint, since,
+-- since_id) CTEs:
 -- pick due pending jobs for owner $2 (term $1, or NULL) within capacity, at most $5 in
 -- all, in priority, run_at, id order, and start them. max_attempts and timeout left
 -- NULL on the row take capacity's. Due jobs are found priority by priority, so jobs
@@ -254,7 +255,10 @@ ORDER BY started_at, id;
 -- priority the type's last claim took (NULL: none known), unless a better one has
 -- pending jobs: any hint is correct, and a right one spares the first probe the walk
 -- over the index entries of the jobs claimed at that priority, which a snapshot held
--- elsewhere (a long transaction) keeps from being cleaned up.
+-- elsewhere (a long transaction) keeps from being cleaned up. At the hint's priority
+-- the range scan starts after (since, since_id) (NULL: at the first due job), the last
+-- job the type's last claim took, for the same reason (see claim_cursors.py for why no
+-- due job hides behind it for longer than a poll interval).
 priorities AS (
     SELECT c.type, CASE
         WHEN c.hint IS NULL THEN (
@@ -289,6 +293,10 @@ picked AS MATERIALIZED (
             FROM {{schema}}.jobs
             WHERE status = 'pending' AND type = p.type AND priority = p.priority
               AND run_at <= fence.at
+              AND (run_at, id) > (
+                  coalesce(CASE WHEN p.priority = capacity.hint THEN capacity.since END,
+                           '-infinity'::timestamptz),
+                  coalesce(CASE WHEN p.priority = capacity.hint THEN capacity.since_id END, 0))
             ORDER BY run_at, id
             LIMIT capacity.free
             FOR UPDATE SKIP LOCKED
@@ -318,13 +326,14 @@ FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.type, j.payload::text AS payload, j.attempts, j.max_attempts, j.timeout,
           greatest(extract(epoch FROM j.started_at - j.run_at), 0)::double precision AS waited,
-          j.cancel_requested, j.priority;
+          j.cancel_requested, j.priority, j.run_at;
 
 -- name: claim_jobs
 -- Leader claim for owner $2 under term $1: per type $3[i] at most $4[i] jobs, at most $5
 -- in all (the leader counts cluster and rate limits itself); executor defaults $6[i],
--- $7[i]; priority hint $9[i] (see claim_due_jobs). Fenced: nothing is claimed unless term $1 and holder $2 still lead; the
--- leader row is share-locked, so a new election waits for this claim to commit, then
+-- $7[i]; priority hint $9[i] and scan start ($10[i], $11[i]) (see claim_due_jobs).
+-- Fenced: nothing is claimed unless term $1 and holder $2 still lead; the leader row
+-- is share-locked, so a new election waits for this claim to commit, then
 -- counts its jobs as running. Also fenced by claim number $8 (see revoke_claims): the
 -- owner's replica row is key-share-locked, so a revocation waits for this claim, or
 -- this claim for it.
@@ -339,15 +348,15 @@ WITH RECURSIVE fence AS MATERIALIZED (
 ),
 capacity AS (
     SELECT * FROM unnest($3::text[], $4::integer[], $6::integer[], $7::double precision[],
-                         $9::smallint[])
-        AS c(type, free, max_attempts, timeout, hint)
+                         $9::smallint[], $10::timestamptz[], $11::bigint[])
+        AS c(type, free, max_attempts, timeout, hint, since, since_id)
 ),
 {{claim_due_jobs}};
 
 -- name: claim_jobs_worker
--- Worker claim for owner $2 ($1 NULL: no term), with claim_jobs' $3 to $9, never beyond
--- cluster limit $10[i] counting jobs processing anywhere, nor beyond $11[i] starts per
--- $12[i] seconds counting starts anywhere (NULL arrays or elements: no such limit).
+-- Worker claim for owner $2 ($1 NULL: no term), with claim_jobs' $3 to $11, never beyond
+-- cluster limit $12[i] counting jobs processing anywhere, nor beyond $13[i] starts per
+-- $14[i] seconds counting starts anywhere (NULL arrays or elements: no such limit).
 -- Run after lock_types, in the same transaction, so the counts see every claim
 -- committed before. Times are the statement's: a worker's lock wait comes before it.
 -- A statement of its own, not claim_jobs with these CTEs idle: planned on every run,
@@ -360,9 +369,10 @@ WITH RECURSIVE fence AS MATERIALIZED (
 ),
 limits AS (
     SELECT * FROM unnest($3::text[], $4::integer[], $6::integer[], $7::double precision[],
-                         $9::smallint[], $10::integer[], $11::integer[],
-                         $12::double precision[])
-        AS c(type, free, max_attempts, timeout, hint, cluster_limit, rate_starts, rate_per)
+                         $9::smallint[], $10::timestamptz[], $11::bigint[], $12::integer[],
+                         $13::integer[], $14::double precision[])
+        AS c(type, free, max_attempts, timeout, hint, since, since_id, cluster_limit,
+             rate_starts, rate_per)
 ),
 running AS (
     SELECT type, count(*)::integer AS n
@@ -396,7 +406,7 @@ capacity AS (
            least(l.free,
                  coalesce(l.cluster_limit - coalesce(r.n, 0), l.free),
                  coalesce(l.rate_starts - s.n, l.free)) AS free,
-           l.max_attempts, l.timeout, l.hint
+           l.max_attempts, l.timeout, l.hint, l.since, l.since_id
     FROM limits l
     LEFT JOIN running r ON r.type = l.type
     LEFT JOIN started s ON s.type = l.type

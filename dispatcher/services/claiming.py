@@ -22,6 +22,7 @@ has it send the claim (:meth:`claim`).
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ class ClaimRequest:
     max_attempts: list[int]
     timeouts: list[float | None]
     hints: list[int | None]  # where each type's priority scan starts (claim_due_jobs)
+    since: list[tuple[dt.datetime, int] | None]  # (run_at, id) the hint's scan starts after
+    cursors_generation: int  # ClaimCursors.generation when this claim was made
     timeout: float  # the statement's
 
 
@@ -254,7 +257,7 @@ class WorkerClaims:
 
 
 def _claim_arguments(request: ClaimRequest) -> tuple[object, ...]:
-    """claim_jobs' (and claim_jobs_worker's) $2 to $9."""
+    """claim_jobs' (and claim_jobs_worker's) $2 to $11."""
     return (
         request.owner,
         request.types,
@@ -264,4 +267,6 @@ def _claim_arguments(request: ClaimRequest) -> tuple[object, ...]:
         request.timeouts,
         request.number,
         request.hints,
+        [at[0] if at else None for at in request.since],
+        [at[1] if at else None for at in request.since],
     )

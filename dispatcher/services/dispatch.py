@@ -30,9 +30,9 @@ import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Protocol
 
 import asyncpg
 
@@ -43,6 +43,7 @@ from dispatcher.core.log import get_logger
 from dispatcher.core.metrics import Metrics, Service
 from dispatcher.core.queries import queries_for
 from dispatcher.core.retry import backoff_delay
+from dispatcher.services.claim_cursors import ClaimCursors
 from dispatcher.services.claiming import ClaimMode, ClaimRequest
 from dispatcher.services.executor import Attempt, CancelReason, Outcome, run_attempt
 from dispatcher.services.job import Job
@@ -126,9 +127,8 @@ class Dispatcher:
         self.preparing_failed: str | None = None
         self._types = sorted(app.executors)
         self.paused: set[str] = set()
-        # Per type, the best priority its last claim took: where the next claim's scan
-        # of the claim index starts (a hint; see claim_due_jobs in sql/queries.sql).
-        self._priority_hints: dict[str, int] = {}
+        # Where each type's next claim starts its scan of the claim index.
+        self.cursors = ClaimCursors()
         self._max_attempts = [app.executors[t].max_attempts for t in self._types]
         self._timeouts = [app.executors[t].timeout for t in self._types]
         self._wait_histograms = {t: metrics.job_queue_wait.labels(t) for t in self._types}
@@ -197,6 +197,7 @@ class Dispatcher:
         while True:
             source = await self.wakeup.wait(self._poll_interval)
             self._metrics.wakeups.labels(source).inc()
+            self.cursors.woken(source)
             try:
                 if self._unsure:
                     await self.hand_back_unheld()
@@ -288,7 +289,7 @@ class Dispatcher:
             attempt.task = loop.create_task(run_attempt(attempt, self._threads, self._deliver))
             claimed[attempt.job.type] += 1
         self.mode.recorded(claimed)
-        self._priority_hints.update(best_priorities(rows))
+        self.cursors.claimed(rows, request.cursors_generation)
         self._metrics.claim_batch_size.observe(len(rows))
         full = len(rows) >= request.batch or any(
             claimed[t] >= free for t, free in zip(request.types, request.frees, strict=True)
@@ -328,7 +329,9 @@ class Dispatcher:
             batch=min(free_total, self._claim_batch),
             max_attempts=[self._max_attempts[i] for i in indexes],
             timeouts=[self._timeouts[i] for i in indexes],
-            hints=[self._priority_hints.get(t) for t in types],
+            hints=[self.cursors.hint(t) for t in types],
+            since=[self.cursors.since(t) for t in types],
+            cursors_generation=self.cursors.generation,
             timeout=self._claim_timeout,
         ), limited
 
@@ -417,13 +420,3 @@ class Dispatcher:
             attempt.after = [old.task for old in earlier if old.task is not None]
         self._wait_histograms[type_].observe(row["waited"])
         return attempt
-
-
-def best_priorities(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """Per type, the best (lowest) priority among claimed ``rows``."""
-    best: dict[str, int] = {}
-    for row in rows:
-        type_, priority = row["type"], row["priority"]
-        if type_ not in best or priority < best[type_]:
-            best[type_] = priority
-    return best

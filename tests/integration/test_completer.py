@@ -24,7 +24,18 @@ async def claim(conn: asyncpg.Connection, db: TestDatabase, owner: str, n: int) 
     await register_owner(conn, db.schema, owner)
     await conn.execute(f"INSERT INTO {db.jobs} (type) SELECT 't' FROM generate_series(1, $1)", n)
     rows = await conn.fetch(
-        queries_for(db.schema)["claim_jobs"], 1, owner, ["t"], [n], n, [3], [None], 1, [None]
+        queries_for(db.schema)["claim_jobs"],
+        1,
+        owner,
+        ["t"],
+        [n],
+        n,
+        [3],
+        [None],
+        1,
+        [None],
+        [None],
+        [None],
     )
     return sorted(r["id"] for r in rows)
 

@@ -402,3 +402,40 @@ async def test_a_leader_woken_as_it_stops_still_stops(
     assert stopping in done, "the shutdown hung: the claim loop ignored its cancel"
     stopping.result()
     assert runtime.dispatcher._loop_task is None
+
+
+async def test_a_job_committed_behind_where_the_last_claim_stopped_is_claimed_at_once(
+    db: TestDatabase, start_runtime: StartRuntime
+) -> None:
+    # A claim starts after the last job its type's last claim took (claim_cursors.py).
+    # A job of a transaction that began before that job was inserted but commits after
+    # its claim lands behind that point (run_at is the transaction's start). The poll
+    # tick, which scans from the start, is a minute away: only the run_at in the insert
+    # NOTIFY can send the leader back for it.
+    await start_runtime(make_app(), poll_interval="60")
+    conn = await db.connect()
+    late = await db.connect()
+    try:
+
+        async def completed(job_id: int) -> bool:
+            status = await conn.fetchval(f"SELECT status FROM {db.jobs} WHERE id = $1", job_id)
+            return bool(status == "completed")
+
+        await late.execute("BEGIN")
+        late_id, late_run_at = await late.fetchrow(
+            f"INSERT INTO {db.jobs} (type) VALUES ('t.noop') RETURNING id, run_at"
+        )
+        ahead_id, ahead_run_at = await conn.fetchrow(
+            f"INSERT INTO {db.jobs} (type) VALUES ('t.noop') RETURNING id, run_at"
+        )
+        assert late_run_at < ahead_run_at
+        await eventually(lambda: completed(ahead_id), timeout=15, what="the job ahead to run")
+        await late.execute("COMMIT")
+        await eventually(
+            lambda: completed(late_id),
+            timeout=15,
+            what="the late job to be claimed on its NOTIFY, not on the poll a minute later",
+        )
+    finally:
+        await late.close()
+        await conn.close()

@@ -384,7 +384,7 @@ async def test_stale_term_claims_and_stale_attempt_completions_are_refused(
         old = await conn.fetchrow(q["leader_try_elect"], names.leader_lock_name, "old-leader", 10.0)
         for owner in ("old-leader", "new"):
             await register_owner(conn, db.schema, owner)
-        claim_args = (["fenced"], [1], 1, [5], [None], 1, [None])
+        claim_args = (["fenced"], [1], 1, [5], [None], 1, [None], [None], [None])
         claimed = await conn.fetch(q["claim_jobs"], old["term"], "old-leader", *claim_args)
         assert len(claimed) == 1 and claimed[0]["attempts"] == 1
         job_id = claimed[0]["id"]
@@ -435,7 +435,9 @@ async def test_a_claim_racing_an_election_is_fenced(db: TestDatabase) -> None:
         tx = claimer.transaction()
         await tx.start()
         claim_args = (["t"], [1], 1, [3], [None])
-        claimed = await claimer.fetch(q["claim_jobs"], term, "a", *claim_args, 1, [None])
+        claimed = await claimer.fetch(
+            q["claim_jobs"], term, "a", *claim_args, 1, [None], [None], [None]
+        )
         assert len(claimed) == 1
         election = asyncio.create_task(
             elector.fetchrow(q["leader_try_elect"], names.leader_lock_name, "b", 10.0)
@@ -454,7 +456,10 @@ async def test_a_claim_racing_an_election_is_fenced(db: TestDatabase) -> None:
         await tx.commit()
         new = await asyncio.wait_for(election, 5)
         assert new["term"] == term + 1
-        assert await claimer.fetch(q["claim_jobs"], term, "a", *claim_args, 2, [None]) == []
+        assert (
+            await claimer.fetch(q["claim_jobs"], term, "a", *claim_args, 2, [None], [None], [None])
+            == []
+        )
         assert Role.LEADER.value == "leader"
     finally:
         await claimer.close()
