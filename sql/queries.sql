@@ -242,6 +242,23 @@ ORDER BY started_at, id;
 -- Dispatch hot path (leader's claim loop, completer, heartbeats)
 -- ---------------------------------------------------------------------------------
 
+-- fragment: first_priority
+-- Where a loose scan of type h.type's priorities starts: the best priority with pending
+-- jobs, probed from priority hint h.hint (NULL: from the start). Any hint is correct (a
+-- better priority with pending jobs is still found); a right one spares the probe the
+-- walk over the index entries of the jobs claimed at the hint's priority, which a
+-- snapshot held elsewhere (a long transaction) keeps from being cleaned up.
+CASE
+    WHEN h.hint IS NULL THEN (
+        SELECT min(priority) FROM {{schema}}.jobs
+        WHERE status = 'pending' AND type = h.type
+    )
+    ELSE coalesce((
+        SELECT min(priority) FROM {{schema}}.jobs
+        WHERE status = 'pending' AND type = h.type AND priority < h.hint
+    ), h.hint)
+END
+
 -- fragment: claim_due_jobs
 -- What both claims share, after their fence (one row if the claim may go on, with
 -- "at", the claim's time) and capacity (type, free, max_attempts, timeout, hint, since,
@@ -260,18 +277,9 @@ ORDER BY started_at, id;
 -- job the type's last claim took, for the same reason (see claim_cursors.py for why no
 -- due job hides behind it for longer than a poll interval).
 priorities AS (
-    SELECT c.type, CASE
-        WHEN c.hint IS NULL THEN (
-            SELECT min(priority) FROM {{schema}}.jobs
-            WHERE status = 'pending' AND type = c.type
-        )
-        ELSE coalesce((
-            SELECT min(priority) FROM {{schema}}.jobs
-            WHERE status = 'pending' AND type = c.type AND priority < c.hint
-        ), c.hint)
-    END AS priority
-    FROM capacity c
-    WHERE c.free > 0
+    SELECT h.type, {{first_priority}} AS priority
+    FROM capacity h
+    WHERE h.free > 0
     UNION ALL
     SELECT p.type, (
         SELECT min(priority) FROM {{schema}}.jobs
@@ -510,13 +518,12 @@ WHERE id = $1;
 -- Seconds until the earliest future run_at among pending jobs of types $1; NULL:
 -- nothing scheduled (the claim loop then just polls). Reads the claim index (type,
 -- priority, run_at): a loose scan over the priorities present per type, then the
--- first future run_at of each, a few index probes whatever the queue's size.
+-- first future run_at of each, a few index probes whatever the queue's size. The scan
+-- starts at each type's priority hint $2[i], as the claim's does (see claim_due_jobs):
+-- from the start of the type it would walk the entries a held snapshot keeps.
 WITH RECURSIVE priorities AS (
-    SELECT t.type, (
-        SELECT min(priority) FROM {{schema}}.jobs
-        WHERE status = 'pending' AND type = t.type
-    ) AS priority
-    FROM unnest($1::text[]) AS t(type)
+    SELECT h.type, {{first_priority}} AS priority
+    FROM unnest($1::text[], $2::smallint[]) AS h(type, hint)
     UNION ALL
     SELECT p.type, (
         SELECT min(priority) FROM {{schema}}.jobs

@@ -53,8 +53,9 @@ def render(text: str, names: SchemaNames) -> str:
 
 def parse_named_queries(text: str) -> dict[str, str]:
     """Split a queries file into {name: sql}, with every ``{{fragment}}`` use replaced
-    by the fragment's text (its description comments left out). A repeated name, an
-    unknown fragment or an unused one is an error."""
+    by the fragment's text (its description comments left out; fragments it uses
+    replaced in turn). A repeated name, an unknown fragment, an unused one or one that
+    uses itself is an error."""
     queries: dict[str, str] = {}
     fragments: dict[str, str] = {}
     parts = _HEADER.split(text)
@@ -67,6 +68,7 @@ def parse_named_queries(text: str) -> dict[str, str]:
         else:
             queries[name] = body.strip().rstrip(";")
     used: set[str] = set()
+    expanding: list[str] = []
 
     def expand(match: re.Match[str]) -> str:
         name = match.group(1)
@@ -74,8 +76,14 @@ def parse_named_queries(text: str) -> dict[str, str]:
             return match.group(0)
         if name not in fragments:
             raise ValueError(f"no fragment named {name!r} in queries.sql")
+        if name in expanding:
+            raise ValueError(f"fragment {name!r} uses itself: {' -> '.join(expanding)}")
         used.add(name)
-        return fragments[name]
+        expanding.append(name)
+        try:  # a fragment may use fragments too
+            return _FRAGMENT_USE.sub(expand, fragments[name])
+        finally:
+            expanding.pop()
 
     expanded = {name: _FRAGMENT_USE.sub(expand, sql) for name, sql in queries.items()}
     if unused := sorted(set(fragments) - used):

@@ -337,7 +337,11 @@ class Dispatcher:
 
     async def _schedule_next_due(self) -> None:
         async with self._pool.acquire() as conn:
-            seconds = await conn.fetchval(self._queries["next_due_in"], self._types)
+            seconds = await conn.fetchval(
+                self._queries["next_due_in"],
+                self._types,
+                [self.cursors.hint(t) for t in self._types],
+            )
         self.wakeup.forget_due()
         if seconds is not None:
             self.wakeup.due_at(time.monotonic() + max(0.0, seconds))

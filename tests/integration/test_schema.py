@@ -384,6 +384,40 @@ async def test_a_right_priority_hint_spares_the_walk_a_held_snapshot_leaves(
     assert fetches[0] < 100, fetches
 
 
+async def test_the_wait_for_the_next_due_job_starts_at_the_hint_too(db: TestDatabase) -> None:
+    # next_due_in (run after every claim that left slots free) probed a type's best
+    # pending priority from the start of the type, walking what a held snapshot keeps.
+    conn = await db.connect()
+    holder = await db.connect()
+    try:
+        q = queries_for(db.schema)
+        await holder.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        await holder.fetchval("SELECT txid_current()")
+        await conn.execute(f"INSERT INTO {db.jobs} (type) SELECT 't' FROM generate_series(1, 3000)")
+        await conn.execute(
+            f"UPDATE {db.jobs} SET status = 'completed', finished_at = now() WHERE type = 't'"
+        )
+        await conn.execute(
+            f"INSERT INTO {db.jobs} (type, run_at) VALUES ('t', now() + interval '1 hour')"
+        )
+        fetches = {}
+        for hint in (None, 0):
+            plan = "\n".join(
+                r[0]
+                for r in await conn.fetch(
+                    "EXPLAIN (ANALYZE, BUFFERS) " + q["next_due_in"], ["t"], [hint]
+                )
+            )
+            fetches[hint] = sum(int(float(n)) for n in re.findall(r"Heap Fetches: ([\d.]+)", plan))
+        due_in = await conn.fetchval(q["next_due_in"], ["t"], [0])
+    finally:
+        await holder.close()
+        await conn.close()
+    assert 3500 < due_in <= 3600
+    assert fetches[None] >= 3000, fetches
+    assert fetches[0] < 100, fetches
+
+
 async def probe_heap_fetches(conn: asyncpg.Connection, schema: str, hint: int | None) -> int:
     """Heap fetches of the claim's priority probes (the "priorities" CTE), under
     EXPLAIN ANALYZE of one claim of 't' jobs with ``hint``, rolled back."""

@@ -35,6 +35,18 @@ def test_a_fragment_is_spliced_into_every_query_that_names_it() -> None:
     }
 
 
+def test_a_fragment_may_use_fragments_but_not_itself() -> None:
+    text = (
+        "-- fragment: limit\nLIMIT $1;\n-- fragment: tail\nORDER BY 1 {{limit}};\n"
+        "-- name: one\nSELECT 1 {{tail}};\n"
+    )
+    assert parse_named_queries(text) == {"one": "SELECT 1 ORDER BY 1 LIMIT $1"}
+    with pytest.raises(ValueError, match="fragment 'a' uses itself: a -> b"):
+        parse_named_queries(
+            "-- fragment: a\nx {{b}};\n-- fragment: b\ny {{a}};\n-- name: one\nSELECT {{a}};\n"
+        )
+
+
 def test_an_unknown_fragment_is_an_error() -> None:
     with pytest.raises(ValueError, match="no fragment named 'tail'"):
         parse_named_queries("-- name: one\nSELECT 1 {{tail}};\n")
