@@ -418,6 +418,48 @@ async def test_the_wait_for_the_next_due_job_starts_at_the_hint_too(db: TestData
     assert fetches[0] < 100, fetches
 
 
+async def test_statements_that_find_our_rows_by_id_never_scan_the_processing_index(
+    db: TestDatabase,
+) -> None:
+    # The processing index's statistics say it is nearly empty while its dead entries
+    # pile up (a busy queue between vacuums, any snapshot held elsewhere): a plan that
+    # scans it by owner read 809 buffers to complete 8 jobs under a held snapshot.
+    conn = await db.connect()
+    try:
+        q = queries_for(db.schema)
+        await conn.execute(
+            f"INSERT INTO {db.jobs} (type, status, finished_at) "
+            "SELECT 't', 'completed', now() FROM generate_series(1, 20000)"
+        )
+        ids = await conn.fetch(
+            f"INSERT INTO {db.jobs} (type, status, owner, attempts, started_at, heartbeat_at) "
+            "SELECT 't', 'processing', 'o', 1, now(), now() FROM generate_series(1, 8) "
+            "RETURNING id"
+        )
+        await conn.execute(f"ANALYZE {db.jobs}")
+        await conn.execute("SET plan_cache_mode = force_custom_plan")  # as the runtime pool
+        job_ids = [r["id"] for r in ids]
+        n = len(job_ids)
+        statements = {
+            "complete_jobs": (
+                "o", job_ids, [1] * n, ["completed"] * n, ["null"] * n, [None] * n,
+                [None] * n, [0.0] * n, "500ms",
+            ),
+            "heartbeat_jobs": ("o", job_ids, [1] * n),
+            "update_progress": ("o", job_ids, [1] * n, ["{}"] * n),
+            "rescue_jobs": (job_ids, [0.0] * n, [True] * n, ["stale"] * n),
+        }  # fmt: skip
+        plans = {}
+        for name, args in statements.items():
+            rows = await conn.fetch("EXPLAIN " + q[name], *args)
+            plans[name] = "\n".join(r[0] for r in rows)
+    finally:
+        await conn.close()
+    for name, plan in plans.items():
+        assert "jobs_processing_idx" not in plan, f"{name}:\n{plan}"
+        assert "jobs_pkey" in plan, f"{name}:\n{plan}"
+
+
 async def probe_heap_fetches(conn: asyncpg.Connection, schema: str, hint: int | None) -> int:
     """Heap fetches of the claim's priority probes (the "priorities" CTE), under
     EXPLAIN ANALYZE of one claim of 't' jobs with ``hint``, rolled back."""
