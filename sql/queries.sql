@@ -459,18 +459,14 @@ FROM unnest($2::bigint[], $3::integer[], $4::text[], $5::text[], $6::text[], $7:
             $8::double precision[])
     AS o(id, attempt, outcome, result, error, traceback, delay)
 WHERE j.id = o.id
-  -- Reach the rows by primary key, one probe per outcome, never by a scan of the
-  -- processing index, whose dead entries pile up between vacuums on a busy queue and
-  -- under any snapshot held elsewhere (while its statistics say it is nearly empty).
-  -- The status is compared with an InitPlan, not a constant, so the planner cannot
-  -- match the index's predicate (status = 'processing') and scan it by owner: under a
-  -- held snapshot that scan read 809 buffers for 8 jobs (3.1 ms), by primary key 90
-  -- (0.5 ms). No "j.id = ANY(ids)" beside the join: with it the rows looked like one
-  -- and the plan joined each to every outcome (250 jobs beside 1,000,000 finished
-  -- rows: 49 ms instead of 6). The same in every statement that finds our rows by id.
+  -- Redundant for the result, decisive for the plan: ids are the key of the processing
+  -- index (migration 0010), so the rows are probed one by one, whatever number of dead
+  -- entries the index holds between vacuums or under a snapshot held elsewhere. The
+  -- same in every statement that finds our running rows by id.
+  AND j.id = ANY($2::bigint[])
   AND j.owner = $1
   AND j.attempts = o.attempt
-  AND j.status = (SELECT 'processing'::text)
+  AND j.status = 'processing'
   -- The lock wait limit for this statement only (is_local: its own transaction). An
   -- uncorrelated condition: evaluated once, before any row is touched.
   AND (SELECT set_config('lock_timeout', $9, true)) IS NOT NULL
@@ -490,8 +486,8 @@ locked AS (
     SELECT j.id
     FROM {{schema}}.jobs j
     JOIN h ON h.id = j.id AND h.attempt = j.attempts
-    WHERE j.owner = $1
-      AND j.status = (SELECT 'processing'::text)  -- by primary key (see complete_jobs)
+    WHERE j.id = ANY($2::bigint[])  -- probed by id (see complete_jobs)
+      AND j.owner = $1 AND j.status = 'processing'
     FOR UPDATE OF j SKIP LOCKED
 ),
 beat AS (
@@ -509,7 +505,8 @@ LEFT JOIN beat b ON b.id = h.id AND b.attempts = h.attempt
 LEFT JOIN LATERAL (
     SELECT c.id, c.cancel_requested FROM {{schema}}.jobs c
     WHERE b.id IS NULL AND c.id = h.id AND c.attempts = h.attempt
-      AND c.owner = $1 AND c.status = (SELECT 'processing'::text)
+      AND c.id = ANY($2::bigint[])  -- probed by id (see complete_jobs)
+      AND c.owner = $1 AND c.status = 'processing'
 ) AS still ON true;
 
 -- name: record_locked_jobs
@@ -566,8 +563,8 @@ locked AS (
     SELECT j.id
     FROM {{schema}}.jobs j
     JOIN p ON p.id = j.id AND p.attempt = j.attempts
-    WHERE j.owner = $1
-      AND j.status = (SELECT 'processing'::text)  -- by primary key (see complete_jobs)
+    WHERE j.id = ANY($2::bigint[])  -- probed by id (see complete_jobs)
+      AND j.owner = $1 AND j.status = 'processing'
     FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE {{schema}}.jobs j SET progress = p.progress::jsonb
@@ -746,8 +743,7 @@ UPDATE {{schema}}.jobs j SET
         'attempt', j.attempts, 'at', now(), 'error', r.error, 'traceback', NULL))
 FROM unnest($1::bigint[], $2::double precision[], $3::boolean[], $4::text[])
     AS r(id, delay, retry, error)
-WHERE j.id = r.id
-  AND j.status = (SELECT 'processing'::text)  -- by primary key (see complete_jobs)
+WHERE j.id = r.id AND j.id = ANY($1::bigint[]) AND j.status = 'processing'
 RETURNING j.id, j.type, j.status;
 
 -- name: fail_jobs_without_executor
