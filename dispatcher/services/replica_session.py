@@ -124,7 +124,8 @@ class ReplicaSession:
         self._log = get_logger("session")
         self._closing = False
         self._forget: asyncio.Task[None] | None = None
-        # The pid our row records, if any: what a loss must strike from it.
+        # The pid our row may record (from the moment it was sent): what a loss must
+        # strike from it.
         self.recorded_pid: int | None = None
         # False while our row may record a lost session: the leader may rescue what
         # we hold, so claims start nothing. generation counts the sessions lost, so
@@ -206,7 +207,12 @@ class ReplicaSession:
                 self._lose()
 
         conn.add_termination_listener(on_lost)
+        pid = conn.get_server_pid()
         while not lost.is_set():
+            # From the moment the statement is sent our row may name this session (it
+            # can commit and the reply be lost): a loss from then on is the loss of a
+            # recorded session.
+            self.recorded_pid = pid
             try:
                 row = await conn.fetchrow(
                     self._queries["session_record"],
@@ -222,10 +228,9 @@ class ReplicaSession:
                 self._metrics.database_errors.labels(Service.SESSION).inc()
             else:
                 assert row is not None
-                pid = conn.get_server_pid()
-                if row["registered"] and self.recorded_pid != pid and not lost.is_set():
-                    self.recorded_pid = pid
-                    self._log.info("session_recorded", pid=pid)
+                if row["registered"] and not lost.is_set():
+                    if row["written"]:
+                        self._log.info("session_recorded", pid=pid)
                     self._allow_claims()
             await wait_for_event(lost, self._interval)
 
