@@ -53,6 +53,7 @@ async def claim_probe(elector: Elector, dsn: str, schema: str, job_type: str) ->
             claims += 1
             rows = await conn.fetch(
                 claim, term, elector.owner_id, [job_type], [1], 1, [1], [None], claims, [None],
+                [None], [None],
                 timeout=2,
             )  # fmt: skip
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
