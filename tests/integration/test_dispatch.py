@@ -126,7 +126,8 @@ async def test_per_type_limit_holds_across_a_forced_handover(
 async def test_a_job_failing_twice_then_succeeding(
     db: TestDatabase, start_runtime: StartRuntime
 ) -> None:
-    runtime = await start_runtime(make_app())
+    # The poll tick far away: a retry must be woken by its own due time.
+    runtime = await start_runtime(make_app(), poll_interval="30")
     (job_id,) = await insert(db, "t.flaky", [{"fail_times": 2}])
     row = await wait_status(db, job_id, "completed", timeout=20)
     assert row["attempts"] == 3
@@ -136,14 +137,15 @@ async def test_a_job_failing_twice_then_succeeding(
     assert errors[0]["error"] == "ValueError: flaky failure 1"
     assert "Traceback" in errors[0]["traceback"] and "flaky failure 1" in errors[0]["traceback"]
     assert row["last_error"] == "ValueError: flaky failure 2"
-    # Each retry ran no earlier than its failure and within the backoff ceiling
-    # (base 0.2 s: ceilings 0.2 s, 0.4 s), plus claim-loop slack.
+    # Each retry ran no earlier than its failure, and on its own due time (base 0.2 s:
+    # ceilings 0.2 s, 0.4 s), not on the poll tick 30 s away. The slack is for a slow,
+    # shared machine (0.515 s was seen against a 0.2 s ceiling), not for a missed timer.
     policy = runtime.app.executors["t.flaky"].retry
     starts = dict(seen[job_id])
     for error in errors:
         failed_at = dt.datetime.fromisoformat(error["at"]).timestamp()
         gap = starts[error["attempt"] + 1] - failed_at
-        assert -0.05 <= gap <= policy.ceiling(error["attempt"]) + 0.3, (error, gap)
+        assert -0.05 <= gap <= policy.ceiling(error["attempt"]) + 5.0, (error, gap)
 
 
 async def test_permanent_error_snooze_retry_after_and_timeout(
