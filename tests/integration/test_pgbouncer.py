@@ -367,6 +367,24 @@ SESSION_STARTUP_PARAMETERS = (
 )
 
 
+async def run_one_job(db: TestDatabase, what: str) -> int:
+    """Insert one 'pgb.async' job and wait for it to complete; its id."""
+    conn = await db.connect()
+    try:
+        job_id: int = await conn.fetchval(
+            f"INSERT INTO {db.jobs} (type) VALUES ('pgb.async') RETURNING id"
+        )
+
+        async def completed() -> bool:
+            status = await conn.fetchval(f"SELECT status FROM {db.jobs} WHERE id = $1", job_id)
+            return bool(status == "completed")
+
+        await eventually(completed, timeout=15, what=what)
+    finally:
+        await conn.close()
+    return job_id
+
+
 async def test_a_replica_session_behind_a_pooler_records_nothing_and_claims_go_on(
     postgres: PostgresServer, db: TestDatabase, through_pgbouncer: list[Runtime]
 ) -> None:
@@ -387,17 +405,9 @@ async def test_a_replica_session_behind_a_pooler_records_nothing_and_claims_go_o
             timeout=15,
             what="the session to find the pooler",
         )
+        job_id = await run_one_job(db, "the job to run all the same")
         conn = await db.connect()
         try:
-            job_id = await conn.fetchval(
-                f"INSERT INTO {db.jobs} (type) VALUES ('pgb.async') RETURNING id"
-            )
-
-            async def completed() -> bool:
-                status = await conn.fetchval(f"SELECT status FROM {db.jobs} WHERE id = $1", job_id)
-                return bool(status == "completed")
-
-            await eventually(completed, timeout=15, what="the job to run all the same")
             recorded = await conn.fetchval(
                 f'SELECT session_pid FROM "{db.schema}".replicas WHERE id = $1', runtime.owner_id
             )
@@ -417,18 +427,6 @@ async def test_claims_go_on_when_the_replica_session_cannot_connect(
     runtime = await start_replica(
         app, db, pgbouncer, through_pgbouncer, election_dsn=pgbouncer.dsn, mode="all"
     )
-    conn = await db.connect()
-    try:
-        job_id = await conn.fetchval(
-            f"INSERT INTO {db.jobs} (type) VALUES ('pgb.async') RETURNING id"
-        )
-
-        async def completed() -> bool:
-            status = await conn.fetchval(f"SELECT status FROM {db.jobs} WHERE id = $1", job_id)
-            return bool(status == "completed")
-
-        await eventually(completed, timeout=15, what="the job to run without a session")
-    finally:
-        await conn.close()
+    job_id = await run_one_job(db, "the job to run without a session")
     assert runtime.session is not None and runtime.session.recorded_pid is None
     assert runs[job_id] == 1

@@ -182,6 +182,14 @@ async def test_claim_and_reap_queries_use_their_partial_indexes(db: TestDatabase
         await conn.close()
 
 
+async def elect_claimer(conn: asyncpg.Connection, schema: str) -> None:
+    """Make owner "claimer" a registered replica leading a term (what claim_jobs fences on)."""
+    await register_owner(conn, schema, "claimer")
+    await conn.execute(
+        queries_for(schema)["leader_try_elect"], f"dispatcher:leader:{schema}", "claimer", 60.0
+    )
+
+
 async def claim_buffers(conn: asyncpg.Connection, schema: str) -> tuple[int, int]:
     """(rows claimed, shared buffers read to find them) by one claim of up to 250 't'
     jobs, run under EXPLAIN ANALYZE and rolled back."""
@@ -212,9 +220,7 @@ async def test_the_claim_never_walks_jobs_scheduled_later(db: TestDatabase) -> N
     # 0.07 ms for 150,000). A claim now probes each priority for due jobs.
     conn = await db.connect()
     try:
-        q = queries_for(db.schema)
-        await register_owner(conn, db.schema, "claimer")
-        await conn.execute(q["leader_try_elect"], f"dispatcher:leader:{db.schema}", "claimer", 60.0)
+        await elect_claimer(conn, db.schema)
         await conn.execute(f"INSERT INTO {db.jobs} (type) SELECT 't' FROM generate_series(1, 10)")
         await conn.execute(f"ANALYZE {db.jobs}")
         claimed, without_future = await claim_buffers(conn, db.schema)
@@ -240,9 +246,7 @@ async def test_a_claim_from_where_the_last_one_stopped_spares_the_walk_a_held_sn
     conn = await db.connect()
     holder = await db.connect()
     try:
-        q = queries_for(db.schema)
-        await register_owner(conn, db.schema, "claimer")
-        await conn.execute(q["leader_try_elect"], f"dispatcher:leader:{db.schema}", "claimer", 60.0)
+        await elect_claimer(conn, db.schema)
         await holder.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         await holder.fetchval("SELECT txid_current()")
         await conn.execute(
@@ -320,9 +324,7 @@ async def test_a_priority_hint_never_hides_a_job(db: TestDatabase, hint: int | N
     # and at worse ones are all claimed, in priority order, whatever it says.
     conn = await db.connect()
     try:
-        q = queries_for(db.schema)
-        await register_owner(conn, db.schema, "claimer")
-        await conn.execute(q["leader_try_elect"], f"dispatcher:leader:{db.schema}", "claimer", 60.0)
+        await elect_claimer(conn, db.schema)
         await conn.execute(
             f"INSERT INTO {db.jobs} (type, priority) SELECT 't', p FROM unnest($1::int[]) p",
             [3, 0, -2, 0, 3, -2],
@@ -340,9 +342,7 @@ async def test_a_scan_start_skips_only_the_jobs_before_it_at_the_hints_priority(
 ) -> None:
     conn = await db.connect()
     try:
-        q = queries_for(db.schema)
-        await register_owner(conn, db.schema, "claimer")
-        await conn.execute(q["leader_try_elect"], f"dispatcher:leader:{db.schema}", "claimer", 60.0)
+        await elect_claimer(conn, db.schema)
         rows = await conn.fetch(
             f"INSERT INTO {db.jobs} (type, priority) SELECT 't', p FROM unnest($1::int[]) p "
             "RETURNING id, priority, run_at",
@@ -366,9 +366,7 @@ async def test_a_right_priority_hint_spares_the_walk_a_held_snapshot_leaves(
     conn = await db.connect()
     holder = await db.connect()
     try:
-        q = queries_for(db.schema)
-        await register_owner(conn, db.schema, "claimer")
-        await conn.execute(q["leader_try_elect"], f"dispatcher:leader:{db.schema}", "claimer", 60.0)
+        await elect_claimer(conn, db.schema)
         await holder.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         await holder.fetchval("SELECT txid_current()")
         await conn.execute(f"INSERT INTO {db.jobs} (type) SELECT 't' FROM generate_series(1, 3000)")
