@@ -49,7 +49,7 @@ class AttemptLog:
         self.replica = replica
         self.pool: asyncpg.Pool | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.ends: asyncio.Queue[tuple[str, float, str]] = asyncio.Queue()
+        self.ends: asyncio.Queue[tuple[RunStart, float, str]] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -66,41 +66,54 @@ class AttemptLog:
             except Exception:  # whatever the outage looks like: try again
                 await asyncio.sleep(0.2)
 
-    async def started(self, job: Job) -> str:
-        """Record (and commit) the start of a run of ``job``'s attempt; its run id."""
-        run_id = uuid.uuid4().hex
+    async def started(self, job: Job) -> RunStart:
+        """Record (and commit) the start of a run of ``job``'s attempt."""
+        start = RunStart(uuid.uuid4().hex, job.id, job.attempt, time.time())
+        await self._record_start(start)
+        return start
+
+    async def _record_start(self, start: RunStart) -> None:
         await self._retrying(
             f"INSERT INTO {self.table} (run_id, job_id, attempt, replica, pid, started_at) "
             "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-            run_id,
-            job.id,
-            job.attempt,
+            start.run_id,
+            start.job_id,
+            start.attempt,
             self.replica,
             os.getpid(),
-            time.time(),
+            start.started_at,
         )
-        return run_id
 
-    def ended(self, run_id: str, outcome: str) -> None:
+    def ended(self, start: RunStart, outcome: str) -> None:
         """Record the end of a run now (written in the background)."""
-        self.ends.put_nowait((run_id, time.time(), outcome))
+        self.ends.put_nowait((start, time.time(), outcome))
 
-    def started_from_thread(self, job: Job) -> str:
+    def started_from_thread(self, job: Job) -> RunStart:
         """started(), from a plain def executor's thread."""
         assert self.loop is not None, "AttemptLog.start() first"
         return asyncio.run_coroutine_threadsafe(self.started(job), self.loop).result()
 
-    def ended_from_thread(self, run_id: str, outcome: str) -> None:
+    def ended_from_thread(self, start: RunStart, outcome: str) -> None:
         """ended(), from a plain def executor's thread."""
         assert self.loop is not None, "AttemptLog.start() first"
-        self.loop.call_soon_threadsafe(self.ends.put_nowait, (run_id, time.time(), outcome))
+        self.loop.call_soon_threadsafe(self.ends.put_nowait, (start, time.time(), outcome))
 
     async def _write_ends(self) -> None:
         while True:
-            run_id, at, outcome = await self.ends.get()
+            start, at, outcome = await self.ends.get()
+            # An upsert: the start's INSERT may have been cut short (cancelled while a
+            # failing primary took it), so the end carries the whole run.
             await self._retrying(
-                f"UPDATE {self.table} SET ended_at = $2, outcome = $3 WHERE run_id = $1",
-                run_id,
+                f"INSERT INTO {self.table} "
+                "(run_id, job_id, attempt, replica, pid, started_at, ended_at, outcome) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+                "ON CONFLICT (run_id) DO UPDATE SET ended_at = $7, outcome = $8",
+                start.run_id,
+                start.job_id,
+                start.attempt,
+                self.replica,
+                os.getpid(),
+                start.started_at,
                 at,
                 outcome,
             )
@@ -116,28 +129,41 @@ class AttemptLog:
 
     @contextlib.asynccontextmanager
     async def run(self, job: Job) -> AsyncIterator[None]:
-        """Record one run of an async executor around its body."""
-        run_id = await self.started(job)
+        """Record one run of an async executor around its body. A run cancelled while
+        its start is being recorded (its replica lost its session in an outage) still
+        gets its end: the start may have reached the database all the same."""
+        start = RunStart(uuid.uuid4().hex, job.id, job.attempt, time.time())
         outcome = "error"
         try:
+            await self._record_start(start)
             yield
             outcome = "completed"
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
         finally:
-            self.ended(run_id, outcome)
+            self.ended(start, outcome)
 
     @contextlib.contextmanager
     def run_in_thread(self, job: Job) -> Iterator[None]:
         """Record one run of a plain def executor around its body."""
-        run_id = self.started_from_thread(job)
+        start = self.started_from_thread(job)
         outcome = "error"
         try:
             yield
             outcome = "completed"
         finally:
-            self.ended_from_thread(run_id, outcome)
+            self.ended_from_thread(start, outcome)
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What the start of a run records, kept so its end can record it again."""
+
+    run_id: str
+    job_id: int
+    attempt: int
+    started_at: float
 
 
 @dataclass(frozen=True)
