@@ -220,6 +220,8 @@ class Runtime:
             start_within=self.heartbeat.give_up_after,
             session=self.session,
         )
+        # A batch of outcomes carries the claim of the slots it frees, when one is wanted.
+        self.completer.write_with_claim = self.dispatcher.write_with_claim
 
     def _claim_mode(self) -> ClaimMode:
         queries = queries_for(self.settings.schema)

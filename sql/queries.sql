@@ -259,12 +259,12 @@ CASE
     ), h.hint)
 END
 
--- fragment: claim_due_jobs
--- What both claims share, after their fence (one row if the claim may go on, with
+-- fragment: pick_due_jobs
+-- What every claim shares, after its fence (one row if the claim may go on, with
 -- "at", the claim's time) and capacity (type, free, max_attempts, timeout, hint, since,
 -- since_id) CTEs:
--- pick due pending jobs for owner $2 (term $1, or NULL) within capacity, at most $5 in
--- all, in priority, run_at, id order, and start them. max_attempts and timeout left
+-- pick due pending jobs within capacity, at most $5 in all, in priority, run_at, id
+-- order (start_picked_jobs starts them for owner $2). max_attempts and timeout left
 -- NULL on the row take capacity's. Due jobs are found priority by priority, so jobs
 -- scheduled later at a better priority are never walked.
 -- Per type, each priority its pending jobs have: a loose scan of the claim index (one
@@ -320,6 +320,14 @@ picked AS MATERIALIZED (
     ORDER BY j.priority, j.run_at, j.id
     LIMIT $5
 )
+
+-- fragment: claim_due_jobs
+-- pick_due_jobs, then start_picked_jobs: the tail both claims share.
+{{pick_due_jobs}}
+{{start_picked_jobs}}
+
+-- fragment: start_picked_jobs
+-- Start pick_due_jobs' picked jobs for owner $2 under term $1 (NULL: none).
 UPDATE {{schema}}.jobs j SET
     status = 'processing',
     attempts = j.attempts + 1,
@@ -339,13 +347,19 @@ RETURNING j.id, j.type, j.payload::text AS payload, j.attempts, j.max_attempts, 
 -- name: claim_jobs
 -- Leader claim for owner $2 under term $1: per type $3[i] at most $4[i] jobs, at most $5
 -- in all (the leader counts cluster and rate limits itself); executor defaults $6[i],
--- $7[i]; priority hint $9[i] and scan start ($10[i], $11[i]) (see claim_due_jobs).
+-- $7[i]; priority hint $9[i] and scan start ($10[i], $11[i]) (see pick_due_jobs).
 -- Fenced: nothing is claimed unless term $1 and holder $2 still lead; the leader row
 -- is share-locked, so a new election waits for this claim to commit, then
 -- counts its jobs as running. Also fenced by claim number $8 (see revoke_claims): the
 -- owner's replica row is key-share-locked, so a revocation waits for this claim, or
 -- this claim for it.
-WITH RECURSIVE fence AS MATERIALIZED (
+WITH RECURSIVE {{leader_fence}},
+{{claim_due_jobs}};
+
+-- fragment: leader_fence
+-- claim_jobs' fence (one row while term $1 and holder $2 lead and claim $8 is not
+-- revoked) and capacity (its $3, $4, $6, $7, $9, $10, $11 by type) CTEs.
+fence AS MATERIALIZED (
     -- now(): when this lone statement (no transaction) arrived. statement_timestamp()
     -- is reset at Execute, after the custom plan is made; started_at would be later by it.
     SELECT l.term, now() AS at
@@ -358,8 +372,7 @@ capacity AS (
     SELECT * FROM unnest($3::text[], $4::integer[], $6::integer[], $7::double precision[],
                          $9::smallint[], $10::timestamptz[], $11::bigint[])
         AS c(type, free, max_attempts, timeout, hint, since, since_id)
-),
-{{claim_due_jobs}};
+)
 
 -- name: claim_jobs_worker
 -- Worker claim for owner $2 ($1 NULL: no term), with claim_jobs' $3 to $11, never beyond
@@ -432,6 +445,10 @@ capacity AS (
 -- rest were taken from us. Waits at most $9 (e.g. '500ms') for a row another session
 -- holds locked, then fails with lock_not_available (55P03): the completer then writes
 -- the batch's outcomes one by one, so one locked row holds back only itself.
+{{write_outcomes}};
+
+-- fragment: write_outcomes
+-- complete_jobs' UPDATE (see there).
 UPDATE {{schema}}.jobs j SET
     status = CASE
         WHEN o.outcome NOT IN ('retry', 'snooze', 'requeue') THEN o.outcome
@@ -471,6 +488,30 @@ WHERE j.id = o.id
   -- uncorrelated condition: evaluated once, before any row is touched.
   AND (SELECT set_config('lock_timeout', $9, true)) IS NOT NULL
 RETURNING j.id, o.attempt, j.status;
+
+-- name: complete_and_claim_jobs
+-- complete_jobs and claim_jobs in one statement: one round trip and one commit for a
+-- slot's whole cycle (its outcome written, its next job started), and the table never
+-- shows the slot taken twice (the outcome's finished_at is the claim's started_at).
+-- $1 to $11: claim_jobs' (term, owner, ...; its frees count the slots this batch of
+-- outcomes gives back); $12 to $20: complete_jobs' $1 to $9. The CTEs share one
+-- snapshot and touch different rows (processing ones written, pending ones claimed).
+-- One row per job claimed (claimed true, claim_jobs' columns) and per outcome written
+-- (claimed false: id, attempts = the attempt, status).
+WITH RECURSIVE {{leader_fence}},
+{{pick_due_jobs}},
+started AS (
+    {{start_picked_jobs}}
+),
+written AS (
+    {{write_outcomes+11}}
+)
+SELECT true AS claimed, id, type, payload, attempts, max_attempts, timeout, waited,
+       cancel_requested, priority, run_at, NULL::text AS status
+FROM started
+UNION ALL
+SELECT false, id, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL, status
+FROM written;
 
 -- name: heartbeat_jobs
 -- Mark owner $1's running attempts ($2[i] id, $3[i] attempt) alive. One row back per
@@ -521,7 +562,7 @@ WHERE id = $1;
 -- nothing scheduled (the claim loop then just polls). Reads the claim index (type,
 -- priority, run_at): a loose scan over the priorities present per type, then the
 -- first future run_at of each, a few index probes whatever the queue's size. The scan
--- starts at each type's priority hint $2[i], as the claim's does (see claim_due_jobs):
+-- starts at each type's priority hint $2[i], as the claim's does (see pick_due_jobs):
 -- from the start of the type it would walk the entries a held snapshot keeps.
 WITH RECURSIVE priorities AS (
     SELECT h.type, {{first_priority}} AS priority

@@ -5,7 +5,9 @@ followed by a one-line ``--`` description. Two kinds of templating, both resolve
 the file is loaded: ``{{schema}}``, replaced by the validated, quoted schema name, and
 ``{{<fragment>}}``, replaced by the text under a ``-- fragment: <fragment>`` header
 (SQL that two statements share, such as the claim's pick-and-start tail, and which
-is not a statement of its own). Every value is a bind parameter (``$1``, ``$2``, ...
+is not a statement of its own). ``{{<fragment>+K}}`` shifts the fragment's bind
+parameters by K (``$1`` becomes ``$(1+K)``), so a statement can use a fragment after
+parameters of its own. Every value is a bind parameter (``$1``, ``$2``, ...
 as asyncpg and Postgres spell them).
 
 psycopg spells bind parameters ``%(name)s``; :func:`for_psycopg` rewrites a query for
@@ -24,7 +26,7 @@ from typing import Any
 from dispatcher.core.schema import SchemaNames
 
 _HEADER = re.compile(r"^-- (name|fragment): ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
-_FRAGMENT_USE = re.compile(r"\{\{([a-z_][a-z0-9_]*)\}\}")
+_FRAGMENT_USE = re.compile(r"\{\{([a-z_][a-z0-9_]*)(?:\+(\d+))?\}\}")
 _LEADING_COMMENTS = re.compile(r"\A(?:--[^\n]*\n)+")
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 
@@ -71,7 +73,7 @@ def parse_named_queries(text: str) -> dict[str, str]:
     expanding: list[str] = []
 
     def expand(match: re.Match[str]) -> str:
-        name = match.group(1)
+        name, shift = match.group(1), int(match.group(2) or 0)
         if name == "schema":
             return match.group(0)
         if name not in fragments:
@@ -81,9 +83,12 @@ def parse_named_queries(text: str) -> dict[str, str]:
         used.add(name)
         expanding.append(name)
         try:  # a fragment may use fragments too
-            return _FRAGMENT_USE.sub(expand, fragments[name])
+            text = _FRAGMENT_USE.sub(expand, fragments[name])
         finally:
             expanding.pop()
+        if not shift:
+            return text
+        return _PLACEHOLDER.sub(lambda p: f"${int(p.group(1)) + shift}", text)
 
     expanded = {name: _FRAGMENT_USE.sub(expand, sql) for name, sql in queries.items()}
     if unused := sorted(set(fragments) - used):

@@ -17,7 +17,11 @@ count the limits:
 
 The dispatcher asks a mode when to claim (:meth:`claiming`), what else holds its
 slots (:meth:`running_elsewhere`), how many a type may start (:meth:`allowance`), and
-has it send the claim (:meth:`claim`).
+has it send the claim (:meth:`claim`). The leader's claim can also carry a batch of
+outcomes, written in the same statement (:meth:`claim_completing`,
+``complete_and_claim_jobs``): a slot's cycle in one round trip. A worker's claim
+cannot (it may run in a transaction behind per-type locks), so its outcomes are
+written apart.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class ClaimRequest:
     batch: int
     max_attempts: list[int]
     timeouts: list[float | None]
-    hints: list[int | None]  # where each type's priority scan starts (claim_due_jobs)
+    hints: list[int | None]  # where each type's priority scan starts (pick_due_jobs)
     since: list[tuple[dt.datetime, int] | None]  # (run_at, id) the hint's scan starts after
     cursors_generation: int  # ClaimCursors.generation when this claim was made
     timeout: float  # the statement's
@@ -55,6 +59,9 @@ class ClaimRequest:
 
 class ClaimMode(Protocol):
     """What the dispatcher needs of a way of claiming."""
+
+    # Whether claim_completing may be used.
+    completes_in_claims: bool
 
     def started(self) -> bool:
         """The replica started: claim from now on?"""
@@ -100,9 +107,18 @@ class ClaimMode(Protocol):
         """Send the claim; the rows it took."""
         ...
 
+    async def claim_completing(
+        self, conn: asyncpg.Connection, request: ClaimRequest, outcomes: tuple[object, ...]
+    ) -> list[asyncpg.Record]:
+        """Send the claim with outcomes to write (complete_jobs' arguments): the rows
+        it took (``claimed``) and the outcomes it wrote (not ``claimed``)."""
+        ...
+
 
 class LeaderClaims:
     """Only the leader claims, under its term (see the module docstring)."""
+
+    completes_in_claims = True
 
     def __init__(
         self, app: App, queries: Queries, owner_id: str, is_leader: Callable[[], bool]
@@ -181,9 +197,23 @@ class LeaderClaims:
         )
         return rows
 
+    async def claim_completing(
+        self, conn: asyncpg.Connection, request: ClaimRequest, outcomes: tuple[object, ...]
+    ) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await conn.fetch(
+            self._queries["complete_and_claim_jobs"],
+            self.term,  # None once deposed: the fence then claims nothing
+            *_claim_arguments(request),
+            *outcomes,
+            timeout=request.timeout,
+        )
+        return rows
+
 
 class WorkerClaims:
     """Every replica claims while it runs (see the module docstring)."""
+
+    completes_in_claims = False
 
     def __init__(
         self, app: App, queries: Queries, schema: str, can_claim: Callable[[], bool]
@@ -254,6 +284,11 @@ class WorkerClaims:
                 self._queries["claim_jobs_worker"], *arguments, timeout=request.timeout
             )
         return rows
+
+    async def claim_completing(
+        self, conn: asyncpg.Connection, request: ClaimRequest, outcomes: tuple[object, ...]
+    ) -> list[asyncpg.Record]:
+        raise NotImplementedError("a worker's claim does not write outcomes (see claiming.py)")
 
 
 def _claim_arguments(request: ClaimRequest) -> tuple[object, ...]:

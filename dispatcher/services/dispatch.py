@@ -9,7 +9,10 @@ Who claims, and how the limits are counted, is the claim mode's
 
 Limits are global truths, not per-process counts. A slot is taken at claim and given
 back only when the outcome is committed, so the table never shows more jobs of a type
-processing than its limit. In-flight attempts live in
+processing than its limit. While the last claim was cut short (jobs wait for slots),
+the completer's next batch of outcomes carries the claim of the slots it frees, in one
+statement (:meth:`Dispatcher.write_with_claim`): outcome written, next job started,
+one round trip and one commit. In-flight attempts live in
 :class:`~dispatcher.services.slots.Slots` whatever the role: a replica deposed while
 running jobs keeps them (the heartbeat keeps them alive) and completes them, fenced.
 Paused types (job_types.paused) are left alone; the set is re-read on a control NOTIFY
@@ -45,6 +48,7 @@ from dispatcher.core.queries import queries_for
 from dispatcher.core.retry import backoff_delay
 from dispatcher.services.claim_cursors import ClaimCursors
 from dispatcher.services.claiming import ClaimMode, ClaimRequest
+from dispatcher.services.completer import Written, outcome_arguments
 from dispatcher.services.executor import Attempt, CancelReason, Outcome, run_attempt
 from dispatcher.services.job import Job
 from dispatcher.services.slots import Slots
@@ -276,6 +280,18 @@ class Dispatcher:
         # Bounded, release included: a step-down waits for this under the claim lock.
         async with self._pool.acquire(timeout=self._claim_timeout) as conn:
             rows = await self.mode.claim(conn, request)
+        return self._start_claimed(rows, request, generation, start_by, limited)
+
+    def _start_claimed(
+        self,
+        rows: list[asyncpg.Record],
+        request: ClaimRequest,
+        generation: int,
+        start_by: float,
+        limited: bool,
+    ) -> bool:
+        """Hold and start a claim's rows; whether it may have left due jobs behind."""
+        session = self._session
         claimed: Counter[str] = Counter()
         loop = asyncio.get_running_loop()
         attempts = [self._attempt(row, start_by) for row in rows]
@@ -297,10 +313,71 @@ class Dispatcher:
         self.wakeup.wanted_slots = limited or full
         return full
 
-    def _request(self) -> tuple[ClaimRequest | None, bool]:
+    # --- a slot's cycle in one statement --------------------------------------------------
+
+    async def write_with_claim(self, batch: list[Outcome]) -> Written | None:
+        """The completer's batch written together with the claim of the slots it frees
+        (complete_and_claim_jobs), when a claim for them is wanted now: the last claim
+        was cut short, so due jobs are likely waiting. What was written; None when the
+        batch is to be written alone: no claim wanted, allowed or possible now, or the
+        statement failed (then the rows it may have claimed are handed back first)."""
+        if (
+            self._loop_task is None  # claiming stopped (step-down, shutdown)
+            or not self.wakeup.wanted_slots
+            # An outcome whose row was found locked is tried alone (completer.py).
+            or any(outcome.locked_out for outcome in batch)
+            or self._unsure
+            or self._claim_lock.locked()
+            or not self.mode.completes_in_claims
+            or not self.mode.claiming()
+            or not self.app.executors
+        ):
+            return None
+        session = self._session
+        if session is not None and not session.claims_allowed:
+            return None
+        request, limited = self._request(freeing=self.slots.held_types(batch))
+        if request is None:
+            return None
+        generation = session.generation if session is not None else 0
+        start_by = time.monotonic() + self._start_within
+        async with self._claim_lock:
+            try:
+                async with self._pool.acquire(timeout=self._claim_timeout) as conn:
+                    rows = await self.mode.claim_completing(
+                        conn, request, outcome_arguments(self.owner_id, batch)
+                    )
+            except Exception as exc:
+                self._unsure = True
+                self._metrics.database_errors.labels(Service.DISPATCH).inc()
+                self._log.warning("complete_and_claim_failed", error=describe(exc))
+                self.wake("hand_back")  # before the next claim; the completer goes on
+                return None
+            except BaseException:
+                self._unsure = True
+                raise
+            written: Written = {}
+            started: list[asyncpg.Record] = []
+            for row in rows:
+                if row["claimed"]:
+                    started.append(row)
+                else:
+                    written[(row["id"], row["attempts"])] = row["status"]
+            try:
+                self._start_claimed(started, request, generation, start_by, limited)
+            except Exception as exc:
+                # The outcomes are written all the same; rows not started go back.
+                self._unsure = True
+                self._log.exception("claim_start_failed", error=describe(exc))
+                self.wake("hand_back")
+        return written
+
+    def _request(self, freeing: Counter[str] | None = None) -> tuple[ClaimRequest | None, bool]:
         """The next claim (None: nothing may be claimed now), and whether a limit held
-        some type back."""
-        free_total = self._free_total()
+        some type back; ``freeing``: slots per type that the claim's own statement
+        gives back (complete_and_claim_jobs)."""
+        freeing = freeing or Counter()
+        free_total = self._free_total() + freeing.total()
         if free_total <= 0:
             return None, True
         types: list[str] = []
@@ -310,7 +387,7 @@ class Dispatcher:
         for i, type_ in enumerate(self._types):
             if type_ in self.paused:
                 continue
-            free = self.limits.per_type[type_] - self.slots.running(type_)
+            free = self.limits.per_type[type_] - self.slots.running(type_) + freeing[type_]
             free = min(self.mode.allowance(type_, free), free_total)
             if free <= 0:
                 limited = True

@@ -3,7 +3,8 @@
 The dispatcher adds an attempt when its claim commits; the completer releases it when
 its outcome is written (or found fenced); the heartbeat reads them to keep them alive;
 shutdown drains and cancels them. A slot is held from claim to written outcome, so the
-table never shows more jobs of a type processing than its limit.
+table never shows more jobs of a type processing than its limit (an outcome written
+with the next claim, complete_and_claim_jobs, frees its slot in that same commit).
 
 Attempts are held by identity, not by job id: when a replica claims again a job it
 still runs (the job was rescued from under a paused attempt), the two attempts are two
@@ -74,6 +75,12 @@ class Slots:
     def holds(self, job: Job) -> bool:
         """Whether the attempt running ``job`` is still held here."""
         return any(attempt.job is job for attempt in self._attempts)
+
+    def held_types(self, outcomes: list[Outcome]) -> Counter[str]:
+        """Per type, how many of ``outcomes`` end attempts held here: the slots that
+        writing them frees."""
+        held = self._attempts
+        return Counter(o.source.job.type for o in outcomes if o.source in held)
 
     def threads_still_running(self) -> list[Attempt]:
         """Attempts told to stop whose plain def executor's thread has not returned."""

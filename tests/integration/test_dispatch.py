@@ -284,6 +284,65 @@ async def test_unknown_type_fails_after_the_grace_period_with_a_clear_error(
     await wait_status(db, later, "completed")
 
 
+async def test_a_freed_slot_is_claimed_again_by_the_statement_that_writes_its_outcome(
+    db: TestDatabase, start_runtime: StartRuntime
+) -> None:
+    # While jobs wait, a batch of outcomes carries the claim of the slots it frees
+    # (complete_and_claim_jobs): the next job starts at the very instant, the
+    # transaction's now(), its predecessor finished. One round trip per cycle, and the
+    # table never shows more jobs running than the limit.
+    await start_runtime(examples_app, concurrency="4")
+    conn = await db.connect()
+    try:
+        await conn.execute(
+            f"INSERT INTO {db.jobs} (type) SELECT 'demo.noop' FROM generate_series(1, 200)"
+        )
+        await wait_all_finished(db, timeout=60)
+        rows = await conn.fetch(f"SELECT started_at, finished_at, status FROM {db.jobs}")
+    finally:
+        await conn.close()
+    assert {r["status"] for r in rows} == {"completed"}
+    finished = {r["finished_at"] for r in rows}
+    chained = sum(r["started_at"] in finished for r in rows)
+    assert chained >= len(rows) // 2, f"only {chained} of {len(rows)} started as one finished"
+    assert max_overlap([(r["started_at"], r["finished_at"]) for r in rows]) <= 4
+
+
+async def test_a_failed_complete_and_claim_loses_nothing_and_runs_nothing_twice(
+    db: TestDatabase, start_runtime: StartRuntime
+) -> None:
+    # Another session holds the row of a running job locked, so the statement that
+    # writes its outcome with the next claim fails (lock_timeout). The outcomes are then
+    # written alone (the locked one once the lock is gone), the claim's rows handed
+    # back if it had taken any, and every job runs once.
+    runtime = await start_runtime(make_app(concurrency=2))
+    conn = await db.connect()
+    stranger = await db.connect()
+    try:
+        (locked_id,) = await insert(db, "t.sleep", [{"seconds": 3.0}])
+        await wait_status(db, locked_id, "processing")
+        others = await insert(db, "t.sleep", [{"seconds": 0.05}] * 100)
+        lock = stranger.transaction()
+        await lock.start()
+        await stranger.execute(f"SELECT 1 FROM {db.jobs} WHERE id = $1 FOR UPDATE", locked_id)
+
+        async def failed_once() -> bool:
+            errors = runtime.metrics.registry.get_sample_value(
+                "dispatcher_database_errors_total", {"service": "dispatch"}
+            )
+            return bool(errors)
+
+        await eventually(failed_once, timeout=20, what="the combined statement to fail")
+        await lock.commit()
+        await wait_all_finished(db, timeout=60)
+        rows = await conn.fetch(f"SELECT id, status, attempts FROM {db.jobs}")
+    finally:
+        await stranger.close()
+        await conn.close()
+    assert {r["id"] for r in rows} == {locked_id, *others}
+    assert {(r["status"], r["attempts"]) for r in rows} == {("completed", 1)}
+
+
 async def test_standbys_never_claim(db: TestDatabase, start_runtime: StartRuntime) -> None:
     leader = await start_runtime(make_app(), name="leader")
     await eventually(

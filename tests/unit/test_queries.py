@@ -47,6 +47,18 @@ def test_a_fragment_may_use_fragments_but_not_itself() -> None:
         )
 
 
+def test_a_fragment_used_with_a_shift_has_its_parameters_renumbered() -> None:
+    text = (
+        "-- fragment: limit\nLIMIT $1;\n-- fragment: tail\nWHERE a = $2 {{limit}};\n"
+        "-- name: one\nSELECT $1, $2 FROM {{schema}}.t {{tail+2}};\n"
+        "-- name: two\nSELECT 1 {{tail}};\n"
+    )
+    assert parse_named_queries(text) == {
+        "one": "SELECT $1, $2 FROM {{schema}}.t WHERE a = $4 LIMIT $3",
+        "two": "SELECT 1 WHERE a = $2 LIMIT $1",
+    }
+
+
 def test_an_unknown_fragment_is_an_error() -> None:
     with pytest.raises(ValueError, match="no fragment named 'tail'"):
         parse_named_queries("-- name: one\nSELECT 1 {{tail}};\n")
@@ -66,6 +78,10 @@ def test_both_claims_share_the_pick_and_start_tail() -> None:
     queries = queries_for("dispatcher")
     tail = "FOR UPDATE SKIP LOCKED"
     assert tail in queries["claim_jobs"] and tail in queries["claim_jobs_worker"]
+    assert tail in queries["complete_and_claim_jobs"]
+    # The completion it carries is complete_jobs' own, after claim_jobs' 11 parameters.
+    assert "AND j.owner = $12" in queries["complete_and_claim_jobs"]
+    assert "AND j.owner = $1\n" in queries["complete_jobs"]
     assert all("{{" not in sql for sql in queries.values())
 
 
