@@ -476,6 +476,59 @@ async def test_statements_that_find_our_rows_by_id_probe_them_however_many_dead_
     assert all(b < 300 for b in buffers.values()), buffers
 
 
+async def test_a_completion_batch_costs_in_proportion_to_its_size_whatever_the_statistics(
+    db: TestDatabase,
+) -> None:
+    # Statistics taken while nothing ran (a busy queue's usual state after autovacuum)
+    # made the processing index look empty, and the planner joined each running row it
+    # found to a rescan of the batch's whole unnest: 250 x 250 rows for a 250-job batch,
+    # 49 ms instead of 3. The outcomes drive the join now: one probe per outcome.
+    conn = await db.connect()
+    try:
+        q = queries_for(db.schema)
+        await conn.execute(f"ALTER TABLE {db.jobs} SET (autovacuum_enabled = false)")
+        await conn.execute(
+            f"INSERT INTO {db.jobs} (type) SELECT 't' FROM generate_series(1, 30000)"
+        )
+        # 20,000 jobs ran before the statistics were taken, none is running now.
+        await conn.execute(
+            f"UPDATE {db.jobs} SET status = 'processing', owner = 'o', attempts = 1, "
+            "started_at = now(), heartbeat_at = now() WHERE id <= 20000"
+        )
+        await conn.execute(
+            f"UPDATE {db.jobs} SET status = 'completed', finished_at = now() WHERE id <= 20000"
+        )
+        await conn.execute(f"VACUUM ANALYZE {db.jobs}")
+        n = 250
+        job_ids = [
+            r["id"]
+            for r in await conn.fetch(
+                f"UPDATE {db.jobs} SET status = 'processing', owner = 'o', attempts = 1, "
+                "started_at = now(), heartbeat_at = now() WHERE id > 20000 AND id <= $1 "
+                "RETURNING id",
+                20000 + n,
+            )
+        ]
+        await conn.execute("SET plan_cache_mode = force_custom_plan")  # as the runtime pool
+        args = (
+            "o", job_ids, [1] * n, ["completed"] * n, ["null"] * n, [None] * n,
+            [None] * n, [0.0] * n, "500ms",
+        )  # fmt: skip
+        statement = conn.transaction()
+        await statement.start()
+        try:
+            rows = await conn.fetch("EXPLAIN (ANALYZE) " + q["complete_jobs"], *args)
+        finally:
+            await statement.rollback()
+        written = await conn.fetch(q["complete_jobs"], *args)
+    finally:
+        await conn.close()
+    plan = "\n".join(r[0] for r in rows)
+    assert re.findall(r"Function Scan on o.* loops=(\d+)", plan) == ["1"], plan
+    assert "Rows Removed by Join Filter" not in plan, plan
+    assert len(written) == n
+
+
 async def probe_heap_fetches(conn: asyncpg.Connection, schema: str, hint: int | None) -> int:
     """Heap fetches of the claim's priority probes (the "priorities" CTE), under
     EXPLAIN ANALYZE of one claim of 't' jobs with ``hint``, rolled back."""
