@@ -528,19 +528,23 @@ FROM written;
 -- session holds locked is skipped, not waited for (SKIP LOCKED): it comes back ours
 -- and not beaten, read from its last committed version (record_locked_jobs tells the
 -- reaper it is alive).
-WITH h AS (
-    SELECT * FROM unnest($2::bigint[], $3::integer[]) AS h(id, attempt)
+WITH h AS MATERIALIZED (
+    -- Owner and status as columns, not constants: join clauses, as in write_outcomes
+    -- (see there), so the rows are found by id alone and no stale estimate of the
+    -- running rows makes the join rescan the attempts once per row.
+    SELECT h.*, $1::text AS owner, 'processing'::text AS running
+    FROM unnest($2::bigint[], $3::integer[]) AS h(id, attempt)
 ),
 locked AS (
     SELECT j.id
     FROM {{schema}}.jobs j
-    JOIN h ON h.id = j.id AND h.attempt = j.attempts
-    -- Redundant for the result, decisive for the plan: ids are the key of the
-    -- processing index (migration 0010), so the rows are probed one by one, whatever
-    -- number of dead entries the index holds between vacuums or under a snapshot
-    -- held elsewhere. The same in every statement that finds our running rows by id.
+    JOIN h ON h.id = j.id AND h.attempt = j.attempts AND h.owner = j.owner
+          AND h.running = j.status
+    -- Redundant for the result, decisive for the plan: the rows are probed by id one
+    -- by one, whatever number of dead entries the indexes hold between vacuums or
+    -- under a snapshot held elsewhere. The same in every statement that finds our
+    -- running rows by id.
     WHERE j.id = ANY($2::bigint[])
-      AND j.owner = $1 AND j.status = 'processing'
     FOR UPDATE OF j SKIP LOCKED
 ),
 beat AS (
@@ -558,8 +562,10 @@ LEFT JOIN beat b ON b.id = h.id AND b.attempts = h.attempt
 LEFT JOIN LATERAL (
     SELECT c.id, c.cancel_requested FROM {{schema}}.jobs c
     WHERE b.id IS NULL AND c.id = h.id AND c.attempts = h.attempt
-      AND c.id = ANY($2::bigint[])  -- probed by id (see above)
       AND c.owner = $1 AND c.status = 'processing'
+    -- Run per attempt not beaten, a probe by its id: flattened into a join, it read
+    -- every row of the batch once per attempt.
+    OFFSET 0
 ) AS still ON true;
 
 -- name: record_locked_jobs
@@ -609,15 +615,16 @@ GROUP BY type;
 -- Write the latest progress of owner $1's running attempts ($2[i] id, $3[i] attempt,
 -- $4[i] progress JSON). Rows another session holds locked are skipped; returns the
 -- (id, attempt) pairs written.
-WITH p AS (
-    SELECT * FROM unnest($2::bigint[], $3::integer[], $4::text[]) AS p(id, attempt, progress)
+WITH p AS MATERIALIZED (
+    SELECT p.*, $1::text AS owner, 'processing'::text AS running  -- see heartbeat_jobs
+    FROM unnest($2::bigint[], $3::integer[], $4::text[]) AS p(id, attempt, progress)
 ),
 locked AS (
     SELECT j.id
     FROM {{schema}}.jobs j
-    JOIN p ON p.id = j.id AND p.attempt = j.attempts
+    JOIN p ON p.id = j.id AND p.attempt = j.attempts AND p.owner = j.owner
+          AND p.running = j.status
     WHERE j.id = ANY($2::bigint[])  -- probed by id (see heartbeat_jobs)
-      AND j.owner = $1 AND j.status = 'processing'
     FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE {{schema}}.jobs j SET progress = p.progress::jsonb
