@@ -69,13 +69,13 @@ class Completer:
         *,
         max_batch: int = 5000,
         metrics: Metrics,
-        write_with_claim: WriteWithClaim | None = None,
     ) -> None:
         self._pool = pool
         self._sql = queries_for(schema)["complete_jobs"]
         self._owner_id = owner_id
         self._on_written = on_written
-        self.write_with_claim = write_with_claim
+        # Set by the runtime to the dispatcher's (None: every batch is written alone).
+        self.write_with_claim: WriteWithClaim | None = None
         self._max_batch = max_batch
         self._metrics = metrics
         self._log = get_logger("completer")

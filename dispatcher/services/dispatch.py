@@ -261,13 +261,21 @@ class Dispatcher:
                 self._unsure = True
                 raise
 
-    async def _claim_and_start(self) -> bool:
+    def _claim_generation(self) -> int | None:
+        """The session generation a claim starts under, or None: no claim may start
+        now (not claiming, nothing to run, or the session forbids it: we are woken
+        when it allows them again)."""
         if not self.mode.claiming() or not self.app.executors:
-            return False
+            return None
         session = self._session
-        if session is not None and not session.claims_allowed:
-            return False  # we are woken when they are again
-        generation = session.generation if session is not None else 0
+        if session is None:
+            return 0
+        return session.generation if session.claims_allowed else None
+
+    async def _claim_and_start(self) -> bool:
+        generation = self._claim_generation()
+        if generation is None:
+            return False
         await self.mode.refresh(self._pool)
         request, limited = self._request()
         if request is None:
@@ -329,17 +337,14 @@ class Dispatcher:
             or self._unsure
             or self._claim_lock.locked()
             or not self.mode.completes_in_claims
-            or not self.mode.claiming()
-            or not self.app.executors
         ):
             return None
-        session = self._session
-        if session is not None and not session.claims_allowed:
+        generation = self._claim_generation()
+        if generation is None:
             return None
         request, limited = self._request(freeing=self.slots.held_types(batch))
         if request is None:
             return None
-        generation = session.generation if session is not None else 0
         start_by = time.monotonic() + self._start_within
         async with self._claim_lock:
             try:

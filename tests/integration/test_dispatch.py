@@ -73,16 +73,21 @@ async def wait_all_finished(db: TestDatabase, timeout: float) -> None:
         await conn.close()
 
 
+async def run_noops(conn: asyncpg.Connection, db: TestDatabase, n: int, timeout: float) -> None:
+    """Insert ``n`` demo.noop jobs in one statement and wait until all have finished."""
+    await conn.execute(
+        f"INSERT INTO {db.jobs} (type) SELECT 'demo.noop' FROM generate_series(1, $1)", n
+    )
+    await wait_all_finished(db, timeout=timeout)
+
+
 async def test_10000_jobs_from_one_insert_complete_exactly_once(
     db: TestDatabase, start_runtime: StartRuntime
 ) -> None:
     await start_runtime(examples_app, concurrency="500")
     conn = await db.connect()
     try:
-        await conn.execute(
-            f"INSERT INTO {db.jobs} (type) SELECT 'demo.noop' FROM generate_series(1, 10000)"
-        )
-        await wait_all_finished(db, timeout=120)
+        await run_noops(conn, db, 10000, timeout=120)
         row = await conn.fetchrow(
             f"SELECT count(*) AS jobs, count(*) FILTER (WHERE status = 'completed') AS done, "
             f"max(attempts) AS max_attempts, min(attempts) AS min_attempts FROM {db.jobs}"
@@ -294,10 +299,7 @@ async def test_a_freed_slot_is_claimed_again_by_the_statement_that_writes_its_ou
     await start_runtime(examples_app, concurrency="4")
     conn = await db.connect()
     try:
-        await conn.execute(
-            f"INSERT INTO {db.jobs} (type) SELECT 'demo.noop' FROM generate_series(1, 200)"
-        )
-        await wait_all_finished(db, timeout=60)
+        await run_noops(conn, db, 200, timeout=60)
         rows = await conn.fetch(f"SELECT started_at, finished_at, status FROM {db.jobs}")
     finally:
         await conn.close()

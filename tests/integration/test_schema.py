@@ -459,13 +459,7 @@ async def test_statements_that_find_our_rows_by_id_probe_them_however_many_dead_
         }  # fmt: skip
         buffers = {}
         for name, args in statements.items():
-            statement = conn.transaction()
-            await statement.start()
-            try:
-                rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + q[name], *args)
-            finally:
-                await statement.rollback()
-            plan = "\n".join(r[0] for r in rows)
+            plan = await explain_rolled_back(conn, "ANALYZE, BUFFERS", q[name], args)
             assert "Seq Scan on jobs" not in plan, f"{name}:\n{plan}"
             buffers[name] = int(re.findall(r"Buffers: shared hit=(\d+)", plan)[0])
     finally:
@@ -521,13 +515,7 @@ async def test_batch_statements_cost_in_proportion_to_the_batch_whatever_the_sta
         }  # fmt: skip
         plans, written = {}, {}
         for name, args in statements.items():
-            statement = conn.transaction()
-            await statement.start()
-            try:
-                rows = await conn.fetch("EXPLAIN (ANALYZE) " + q[name], *args)
-            finally:
-                await statement.rollback()
-            plans[name] = "\n".join(r[0] for r in rows)
+            plans[name] = await explain_rolled_back(conn, "ANALYZE", q[name], args)
             written[name] = len(await conn.fetch(q[name], *args))
     finally:
         await conn.close()
@@ -537,6 +525,19 @@ async def test_batch_statements_cost_in_proportion_to_the_batch_whatever_the_sta
         removed = [int(r) for r in re.findall(r"Rows Removed by Join Filter: (\d+)", plan)]
         assert all(r < n for r in removed), f"{name}:\n{plan}"
     assert written == {"heartbeat_jobs": n, "update_progress": n, "complete_jobs": n}
+
+
+async def explain_rolled_back(
+    conn: asyncpg.Connection, options: str, sql: str, args: tuple[object, ...]
+) -> str:
+    """EXPLAIN (``options``) of ``sql`` run with ``args`` in a transaction rolled back."""
+    statement = conn.transaction()
+    await statement.start()
+    try:
+        rows = await conn.fetch(f"EXPLAIN ({options}) " + sql, *args)
+    finally:
+        await statement.rollback()
+    return "\n".join(r[0] for r in rows)
 
 
 async def probe_heap_fetches(conn: asyncpg.Connection, schema: str, hint: int | None) -> int:

@@ -68,20 +68,20 @@ class AttemptLog:
 
     async def started(self, job: Job) -> RunStart:
         """Record (and commit) the start of a run of ``job``'s attempt."""
-        start = RunStart(uuid.uuid4().hex, job.id, job.attempt, time.time())
+        start = RunStart.of(job)
         await self._record_start(start)
         return start
+
+    def _run_columns(self, start: RunStart) -> tuple[object, ...]:
+        """(run_id, job_id, attempt, replica, pid, started_at) of a run."""
+        return (start.run_id, start.job_id, start.attempt, self.replica, os.getpid(),
+                start.started_at)  # fmt: skip
 
     async def _record_start(self, start: RunStart) -> None:
         await self._retrying(
             f"INSERT INTO {self.table} (run_id, job_id, attempt, replica, pid, started_at) "
             "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-            start.run_id,
-            start.job_id,
-            start.attempt,
-            self.replica,
-            os.getpid(),
-            start.started_at,
+            *self._run_columns(start),
         )
 
     def ended(self, start: RunStart, outcome: str) -> None:
@@ -108,12 +108,7 @@ class AttemptLog:
                 "(run_id, job_id, attempt, replica, pid, started_at, ended_at, outcome) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
                 "ON CONFLICT (run_id) DO UPDATE SET ended_at = $7, outcome = $8",
-                start.run_id,
-                start.job_id,
-                start.attempt,
-                self.replica,
-                os.getpid(),
-                start.started_at,
+                *self._run_columns(start),
                 at,
                 outcome,
             )
@@ -132,7 +127,7 @@ class AttemptLog:
         """Record one run of an async executor around its body. A run cancelled while
         its start is being recorded (its replica lost its session in an outage) still
         gets its end: the start may have reached the database all the same."""
-        start = RunStart(uuid.uuid4().hex, job.id, job.attempt, time.time())
+        start = RunStart.of(job)
         outcome = "error"
         try:
             await self._record_start(start)
@@ -164,6 +159,11 @@ class RunStart:
     job_id: int
     attempt: int
     started_at: float
+
+    @classmethod
+    def of(cls, job: Job) -> RunStart:
+        """A run of ``job``'s attempt starting now."""
+        return cls(uuid.uuid4().hex, job.id, job.attempt, time.time())
 
 
 @dataclass(frozen=True)
