@@ -40,7 +40,7 @@ from dispatcher.core.retry import backoff_delay
 from dispatcher.core.schema import SchemaNames
 from dispatcher.core.version import VERSION
 from dispatcher.database.migrate import check_schema_current, migrate_at
-from dispatcher.database.pool import runtime_pool, slot_pool
+from dispatcher.database.pool import runtime_pool
 from dispatcher.http.app import build_api
 from dispatcher.http.serving import HttpServer, listen
 from dispatcher.services.claiming import ClaimMode, LeaderClaims, WorkerClaims
@@ -108,7 +108,6 @@ class Runtime:
         self._tasks = _Tasks()
         self._stopping = False
         self._pool: asyncpg.Pool | None = None
-        self._slots_pool: asyncpg.Pool | None = None
         self._http: HttpServer | None = None
         # The HTTP API; served by start() when serve_http, else reachable in-process.
         self.api = build_api(self, insecure_no_auth=insecure_no_auth)
@@ -147,7 +146,6 @@ class Runtime:
     async def _open_database(self) -> None:
         s = self.settings
         self._pool = await runtime_pool(self.dsn, s)
-        self._slots_pool = await slot_pool(self.dsn, s)
         if self._migrate:
             # Migrations hold a session advisory lock: on the session DSN, never through
             # a transaction pooler.
@@ -162,14 +160,13 @@ class Runtime:
     def _build_job_path(self) -> None:
         """What a job meets, built in dependency order."""
         s, pool, metrics = self.settings, self.pool, self.metrics
-        cycle = self.slots_pool
         limits = self.app.limits(s.concurrency)
         self.threads = thread_pool(limits.sync_threads)
         self.notifier = Notifier(s.election_dsn or self.dsn, listen=s.listen)
         self.wakeup = Wakeup()
         self.slots = Slots(self.app.executors, wakeup=self.wakeup, metrics=metrics)
         self.completer = Completer(
-            cycle, s.schema, self.owner_id, self.slots.release, metrics=metrics
+            pool, s.schema, self.owner_id, self.slots.release, metrics=metrics
         )
         self.drain = Drain(
             self.slots,
@@ -195,7 +192,7 @@ class Runtime:
             else None
         )
         self.heartbeat = JobHeartbeat(
-            cycle,
+            pool,
             s.schema,
             self.owner_id,
             self.slots,
@@ -205,7 +202,7 @@ class Runtime:
             on_unstoppable=self.drain.threads_unstoppable,
         )
         self.dispatcher = Dispatcher(
-            pool=cycle,
+            pool=pool,
             app=self.app,
             schema=s.schema,
             owner_id=self.owner_id,
@@ -335,13 +332,6 @@ class Runtime:
             raise RuntimeError("the runtime is not started")
         return self._pool
 
-    @property
-    def slots_pool(self) -> asyncpg.Pool:
-        """The pool of the slots' cycle (claims, outcomes, heartbeats; slot_pool)."""
-        if self._slots_pool is None:
-            raise RuntimeError("the runtime is not started")
-        return self._slots_pool
-
     def running_by_type(self) -> dict[str, int]:
         return self.slots.running_by_type()
 
@@ -430,16 +420,14 @@ class Runtime:
     async def _close(self) -> None:
         await self.registry.remove()
         await self.notifier.close()
-        for pool in (self._slots_pool, self._pool):
-            if pool is None:
-                continue
+        if self._pool is not None:
             try:
                 # close() waits for every borrowed connection; never wait forever.
                 async with asyncio.timeout(POOL_CLOSE_TIMEOUT):
-                    await pool.close()
+                    await self._pool.close()
             except TimeoutError:
                 self.log.warning("pool_close_timed_out", after=POOL_CLOSE_TIMEOUT)
-                pool.terminate()
+                self._pool.terminate()
         self.threads.shutdown(wait=False, cancel_futures=True)
 
     async def run_until_signalled(self) -> None:

@@ -620,19 +620,17 @@ WITH p AS MATERIALIZED (
     FROM unnest($2::bigint[], $3::integer[], $4::text[]) AS p(id, attempt, progress)
 ),
 locked AS (
-    -- Carries the progress, so the UPDATE joins the locked rows alone, by id: joined to
-    -- p again, a plan that took the batch for a few rows (a cached plan cannot size
-    -- the arrays) rescanned it once per row.
-    SELECT j.id, p.progress
+    SELECT j.id
     FROM {{schema}}.jobs j
     JOIN p ON p.id = j.id AND p.attempt = j.attempts AND p.owner = j.owner
           AND p.running = j.status
     WHERE j.id = ANY($2::bigint[])  -- probed by id (see heartbeat_jobs)
     FOR UPDATE OF j SKIP LOCKED
 )
-UPDATE {{schema}}.jobs j SET progress = locked.progress::jsonb
-FROM locked
+UPDATE {{schema}}.jobs j SET progress = p.progress::jsonb
+FROM locked, p
 WHERE j.id = locked.id
+  AND p.id = j.id AND p.attempt = j.attempts
 RETURNING j.id, j.attempts AS attempt;
 
 -- name: revoke_claims

@@ -10,25 +10,15 @@ import asyncpg
 from dispatcher.core.config import Settings
 from dispatcher.core.errors import DispatcherError
 
-# Connections in the pool of the slots' cycle (slot_pool): the claim, the outcome
-# writer, the heartbeat and the progress writer each hold at most one at a time.
-SLOT_POOL_SIZE = 4
 
-
-async def runtime_pool(
-    dsn: str, settings: Settings, *, plan_once: bool = False, max_size: int | None = None
-) -> asyncpg.Pool:
-    """A runtime pool of at most ``max_size`` connections (default ``pool_size``), with
-    or without prepared statements (``prepared_statements``).
+async def runtime_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
+    """The runtime pool, with or without prepared statements (``prepared_statements``).
 
     With them (the default) asyncpg names and caches every statement, so each is parsed
-    once per connection. The sessions plan each run with its parameters
-    (``force_custom_plan``), unless ``plan_once``: then each statement is planned once
-    per connection (``force_generic_plan``), for the statements whose plans are made
-    not to depend on their parameters (slot_pool). A plan made once takes every array
-    for ten elements and every status parameter for unknown: most statements that take
-    them need their values to use the right index (a prune of finished jobs, planned
-    once, read the whole table).
+    once per connection. The batch statements take arrays (unnest, = ANY) whose size a
+    cached generic plan cannot know: after five runs Postgres switched to one that
+    scanned a thousand-row batch 20x slower, so these sessions plan every run
+    (plan_cache_mode, a fraction of a millisecond per batch).
 
     Without them, for PgBouncer in transaction mode (before 1.21 it cannot carry a named
     statement from one transaction to the next, and no version accepts a startup
@@ -42,15 +32,13 @@ async def runtime_pool(
     server_settings = {"application_name": "dispatcher"}
     options: dict[str, Any] = {"statement_cache_size": 0}
     if settings.prepared_statements:
-        server_settings["plan_cache_mode"] = (
-            "force_generic_plan" if plan_once else "force_custom_plan"
-        )
+        server_settings["plan_cache_mode"] = "force_custom_plan"
         options = {}
     try:
         pool: asyncpg.Pool = await asyncpg.create_pool(
             dsn,
             min_size=1,
-            max_size=max_size or settings.pool_size,
+            max_size=settings.pool_size,
             timeout=10,
             max_inactive_connection_lifetime=60,
             server_settings=server_settings,
@@ -66,17 +54,6 @@ async def runtime_pool(
             "through a pooler such as PgBouncer; set DISPATCHER_PREPARED_STATEMENTS=false"
         ) from None
     return pool
-
-
-async def slot_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
-    """The pool of the slots' cycle: claims, outcomes, heartbeats, progress.
-
-    Their statements are planned once per connection (``plan_once``): planning the
-    claim on every run cost about half of a 16-job cycle. Their plans find rows by id
-    and read each batch once whatever its size, and the claim's scans start where
-    their parameters say (tests/integration/test_schema.py checks them planned so).
-    """
-    return await runtime_pool(dsn, settings, plan_once=True, max_size=SLOT_POOL_SIZE)
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:

@@ -195,11 +195,17 @@ async def claim_buffers(conn: asyncpg.Connection, schema: str) -> tuple[int, int
     jobs, run under EXPLAIN ANALYZE and rolled back."""
     q = queries_for(schema)
     term = await conn.fetchval(f'SELECT term FROM "{schema}".leader')
-    args = (term, "claimer", ["t"], [250], 250, [3], [None], 1, [None], [None], [None])
-    plan = (await explain_rolled_back(conn, "ANALYZE, BUFFERS", q["claim_jobs"], args)).split("\n")
+    claim = conn.transaction()
+    await claim.start()
+    try:
+        args = (term, "claimer", ["t"], [250], 250, [3], [None], 1, [None], [None], [None])
+        plan = [
+            r[0] for r in await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + q["claim_jobs"], *args)
+        ]
+    finally:
+        await claim.rollback()
     # PostgreSQL 18 prints actual rows with decimals ("rows=10.00").
-    top = next(line for line in plan if "(actual" in line)
-    claimed = int(float(top.split("rows=")[-1].split()[0]))
+    claimed = int(float(plan[0].split("rows=")[-1].split()[0]))
     # The finding of the jobs alone: the plan of the "picked" CTE (the update after it
     # writes into every index, whose depth grows with the table).
     picking = plan[next(i for i, line in enumerate(plan) if "CTE picked" in line) :]
@@ -272,11 +278,18 @@ async def range_scan_buffers(
     at priority hint 0 starting after ``since``, under EXPLAIN ANALYZE, rolled back."""
     q = queries_for(schema)
     term = await conn.fetchval(f'SELECT term FROM "{schema}".leader')
-    args = (
-        term, "claimer", ["t"], [250], 250, [3], [None], 1, [0],
-        [since[0] if since else None], [since[1] if since else None],
-    )  # fmt: skip
-    plan = (await explain_rolled_back(conn, "ANALYZE, BUFFERS", q["claim_jobs"], args)).split("\n")
+    claim = conn.transaction()
+    await claim.start()
+    try:
+        args = (
+            term, "claimer", ["t"], [250], 250, [3], [None], 1, [0],
+            [since[0] if since else None], [since[1] if since else None],
+        )  # fmt: skip
+        plan = [
+            r[0] for r in await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + q["claim_jobs"], *args)
+        ]
+    finally:
+        await claim.rollback()
     scan = next(i for i, line in enumerate(plan) if "ROW(run_at, id) >" in line)
     buffers = next(line for line in plan[scan:] if "Buffers:" in line)
     return sum(int(n) for n in re.findall(r"(?:hit|read)=(\d+)", buffers))
@@ -387,8 +400,11 @@ async def test_the_wait_for_the_next_due_job_starts_at_the_hint_too(db: TestData
         )
         fetches = {}
         for hint in (None, 0):
-            plan = await explain_rolled_back(
-                conn, "ANALYZE, BUFFERS", q["next_due_in"], (["t"], [hint])
+            plan = "\n".join(
+                r[0]
+                for r in await conn.fetch(
+                    "EXPLAIN (ANALYZE, BUFFERS) " + q["next_due_in"], ["t"], [hint]
+                )
             )
             fetches[hint] = sum(int(float(n)) for n in re.findall(r"Heap Fetches: ([\d.]+)", plan))
         due_in = await conn.fetchval(q["next_due_in"], ["t"], [0])
@@ -430,6 +446,7 @@ async def test_statements_that_find_our_rows_by_id_probe_them_however_many_dead_
             "SELECT 'u', 'processing', 'o', 1, now(), now() FROM generate_series(1, 8) "
             "RETURNING id"
         )
+        await conn.execute("SET plan_cache_mode = force_custom_plan")  # as the runtime pool
         job_ids = [r["id"] for r in ids]
         n = len(job_ids)
         statements = {
@@ -487,6 +504,7 @@ async def test_batch_statements_cost_in_proportion_to_the_batch_whatever_the_sta
                 20000 + n,
             )
         ]
+        await conn.execute("SET plan_cache_mode = force_custom_plan")  # as the runtime pool
         statements = {
             "heartbeat_jobs": ("o", job_ids, [1] * n),
             "update_progress": ("o", job_ids, [1] * n, ["{}"] * n),
@@ -512,34 +530,14 @@ async def test_batch_statements_cost_in_proportion_to_the_batch_whatever_the_sta
 async def explain_rolled_back(
     conn: asyncpg.Connection, options: str, sql: str, args: tuple[object, ...]
 ) -> str:
-    """The plan (``options``: EXPLAIN's, e.g. "ANALYZE, BUFFERS") of ``sql`` run with
-    ``args`` as the runtime's slot pool runs it (a prepared statement planned once for
-    any parameters: slot_pool), rolled back."""
-    notices: list[str] = []
-
-    def keep(_conn: object, message: asyncpg.PostgresLogMessage) -> None:
-        notices.append(message.message)
-
-    flags = {o.strip().lower() for o in options.split(",")}
-    conn.add_log_listener(keep)
+    """EXPLAIN (``options``) of ``sql`` run with ``args`` in a transaction rolled back."""
     statement = conn.transaction()
     await statement.start()
     try:
-        await conn.execute(
-            "LOAD 'auto_explain'; SET LOCAL auto_explain.log_min_duration = 0; "
-            "SET LOCAL auto_explain.log_level = notice; "
-            f"SET LOCAL auto_explain.log_analyze = {'analyze' in flags}; "
-            f"SET LOCAL auto_explain.log_buffers = {'buffers' in flags}; "
-            "SET LOCAL plan_cache_mode = force_generic_plan"
-        )
-        await conn.fetch(sql, *args)
+        rows = await conn.fetch(f"EXPLAIN ({options}) " + sql, *args)
     finally:
         await statement.rollback()
-        conn.remove_log_listener(keep)
-    # Only the statement's own (asyncpg introspects types with queries of its own).
-    plans = [n for n in notices if sql.strip() in n]
-    assert len(plans) == 1, notices
-    return plans[0]
+    return "\n".join(r[0] for r in rows)
 
 
 async def probe_heap_fetches(conn: asyncpg.Connection, schema: str, hint: int | None) -> int:
@@ -547,8 +545,15 @@ async def probe_heap_fetches(conn: asyncpg.Connection, schema: str, hint: int | 
     EXPLAIN ANALYZE of one claim of 't' jobs with ``hint``, rolled back."""
     q = queries_for(schema)
     term = await conn.fetchval(f'SELECT term FROM "{schema}".leader')
-    args = (term, "claimer", ["t"], [250], 250, [3], [None], 1, [hint], [None], [None])
-    plan = (await explain_rolled_back(conn, "ANALYZE, BUFFERS", q["claim_jobs"], args)).split("\n")
+    claim = conn.transaction()
+    await claim.start()
+    try:
+        args = (term, "claimer", ["t"], [250], 250, [3], [None], 1, [hint], [None], [None])
+        plan = [
+            r[0] for r in await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + q["claim_jobs"], *args)
+        ]
+    finally:
+        await claim.rollback()
     start = next(i for i, line in enumerate(plan) if "CTE priorities" in line)
     end = next(i for i, line in enumerate(plan) if "CTE picked" in line)
     return sum(
