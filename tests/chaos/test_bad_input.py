@@ -155,14 +155,24 @@ async def test_hostile_rows_and_fuzzed_requests_harm_no_good_job(
         if fragment is not None:
             assert fragment in (row["last_error"] or ""), (type_[:20], row["last_error"])
 
-    async def good_done() -> bool:
-        left = await conn.fetchval(
-            f"SELECT count(*) FROM {db.jobs} WHERE type = 'chaos.work' AND status <> 'completed' "
-            "AND id > 8000000000"
-        )
-        return left == 0
+    # What the good jobs not completed yet are doing, and which types are paused: a
+    # timeout says whether a job was cancelled, paused, failing or never claimed.
+    left: list[str] = []
 
-    await eventually(good_done, timeout=60, what="every good job to complete", every=0.2)
+    async def good_done() -> bool:
+        rows = await conn.fetch(
+            f"SELECT id, status, attempts, owner, last_error FROM {db.jobs} "
+            "WHERE type = 'chaos.work' AND status <> 'completed' AND id > 8000000000 "
+            "ORDER BY id LIMIT 5"
+        )
+        paused = await conn.fetch(f'SELECT type FROM "{db.schema}".job_types WHERE paused')
+        left[:] = [repr(dict(r)) for r in rows] + [f"paused: {[r['type'] for r in paused]}"]
+        return not rows
+
+    try:
+        await eventually(good_done, timeout=60, what="every good job to complete", every=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {left}") from None
     worst = await conn.fetchval(
         f"SELECT max(extract(epoch FROM started_at - run_at))::float8 FROM {db.jobs} "
         "WHERE type = 'chaos.work' AND id > 8000000000"
