@@ -620,17 +620,18 @@ WITH p AS MATERIALIZED (
     FROM unnest($2::bigint[], $3::integer[], $4::text[]) AS p(id, attempt, progress)
 ),
 locked AS (
-    SELECT j.id
+    -- Carries the progress: the rows it locks cannot change before the UPDATE, so
+    -- that joins them alone, not the batch a second time.
+    SELECT j.id, p.progress
     FROM {{schema}}.jobs j
     JOIN p ON p.id = j.id AND p.attempt = j.attempts AND p.owner = j.owner
           AND p.running = j.status
     WHERE j.id = ANY($2::bigint[])  -- probed by id (see heartbeat_jobs)
     FOR UPDATE OF j SKIP LOCKED
 )
-UPDATE {{schema}}.jobs j SET progress = p.progress::jsonb
-FROM locked, p
+UPDATE {{schema}}.jobs j SET progress = locked.progress::jsonb
+FROM locked
 WHERE j.id = locked.id
-  AND p.id = j.id AND p.attempt = j.attempts
 RETURNING j.id, j.attempts AS attempt;
 
 -- name: revoke_claims

@@ -195,15 +195,8 @@ async def claim_buffers(conn: asyncpg.Connection, schema: str) -> tuple[int, int
     jobs, run under EXPLAIN ANALYZE and rolled back."""
     q = queries_for(schema)
     term = await conn.fetchval(f'SELECT term FROM "{schema}".leader')
-    claim = conn.transaction()
-    await claim.start()
-    try:
-        args = (term, "claimer", ["t"], [250], 250, [3], [None], 1, [None], [None], [None])
-        plan = [
-            r[0] for r in await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + q["claim_jobs"], *args)
-        ]
-    finally:
-        await claim.rollback()
+    args = (term, "claimer", ["t"], [250], 250, [3], [None], 1, [None], [None], [None])
+    plan = (await explain_rolled_back(conn, "ANALYZE, BUFFERS", q["claim_jobs"], args)).split("\n")
     # PostgreSQL 18 prints actual rows with decimals ("rows=10.00").
     claimed = int(float(plan[0].split("rows=")[-1].split()[0]))
     # The finding of the jobs alone: the plan of the "picked" CTE (the update after it
@@ -278,18 +271,11 @@ async def range_scan_buffers(
     at priority hint 0 starting after ``since``, under EXPLAIN ANALYZE, rolled back."""
     q = queries_for(schema)
     term = await conn.fetchval(f'SELECT term FROM "{schema}".leader')
-    claim = conn.transaction()
-    await claim.start()
-    try:
-        args = (
-            term, "claimer", ["t"], [250], 250, [3], [None], 1, [0],
-            [since[0] if since else None], [since[1] if since else None],
-        )  # fmt: skip
-        plan = [
-            r[0] for r in await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + q["claim_jobs"], *args)
-        ]
-    finally:
-        await claim.rollback()
+    args = (
+        term, "claimer", ["t"], [250], 250, [3], [None], 1, [0],
+        [since[0] if since else None], [since[1] if since else None],
+    )  # fmt: skip
+    plan = (await explain_rolled_back(conn, "ANALYZE, BUFFERS", q["claim_jobs"], args)).split("\n")
     scan = next(i for i, line in enumerate(plan) if "ROW(run_at, id) >" in line)
     buffers = next(line for line in plan[scan:] if "Buffers:" in line)
     return sum(int(n) for n in re.findall(r"(?:hit|read)=(\d+)", buffers))
@@ -400,11 +386,8 @@ async def test_the_wait_for_the_next_due_job_starts_at_the_hint_too(db: TestData
         )
         fetches = {}
         for hint in (None, 0):
-            plan = "\n".join(
-                r[0]
-                for r in await conn.fetch(
-                    "EXPLAIN (ANALYZE, BUFFERS) " + q["next_due_in"], ["t"], [hint]
-                )
+            plan = await explain_rolled_back(
+                conn, "ANALYZE, BUFFERS", q["next_due_in"], (["t"], [hint])
             )
             fetches[hint] = sum(int(float(n)) for n in re.findall(r"Heap Fetches: ([\d.]+)", plan))
         due_in = await conn.fetchval(q["next_due_in"], ["t"], [0])
@@ -545,15 +528,8 @@ async def probe_heap_fetches(conn: asyncpg.Connection, schema: str, hint: int | 
     EXPLAIN ANALYZE of one claim of 't' jobs with ``hint``, rolled back."""
     q = queries_for(schema)
     term = await conn.fetchval(f'SELECT term FROM "{schema}".leader')
-    claim = conn.transaction()
-    await claim.start()
-    try:
-        args = (term, "claimer", ["t"], [250], 250, [3], [None], 1, [hint], [None], [None])
-        plan = [
-            r[0] for r in await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + q["claim_jobs"], *args)
-        ]
-    finally:
-        await claim.rollback()
+    args = (term, "claimer", ["t"], [250], 250, [3], [None], 1, [hint], [None], [None])
+    plan = (await explain_rolled_back(conn, "ANALYZE, BUFFERS", q["claim_jobs"], args)).split("\n")
     start = next(i for i, line in enumerate(plan) if "CTE priorities" in line)
     end = next(i for i, line in enumerate(plan) if "CTE picked" in line)
     return sum(
