@@ -341,7 +341,15 @@ class Runtime:
 
     def limits(self) -> dict[str, Any]:
         limits = self.dispatcher.limits
-        return {"global": limits.global_limit, "types": dict(limits.per_type)}
+        return {
+            "global": limits.global_limit,
+            "types": dict(limits.per_type),
+            "rates": {
+                spec.type: {"starts": spec.rate_limit.starts, "per": spec.rate_limit.per}
+                for spec in self.app.executors.values()
+                if spec.rate_limit is not None
+            },
+        }
 
     def status_extras(self) -> dict[str, Any]:
         next_runs = self.periodic.next_runs

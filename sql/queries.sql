@@ -470,7 +470,8 @@ UPDATE {{schema}}.jobs j SET
     errors = CASE
         WHEN o.error IS NULL THEN j.errors
         ELSE j.errors || jsonb_build_array(jsonb_build_object(
-            'attempt', j.attempts, 'at', now(), 'error', o.error, 'traceback', o.traceback))
+            'attempt', j.attempts, 'started_at', j.started_at, 'at', now(), 'error', o.error,
+            'traceback', o.traceback))
     END
 FROM (
     SELECT o.*, $1::text AS owner, 'processing'::text AS running
@@ -801,7 +802,8 @@ UPDATE {{schema}}.jobs j SET
     finished_at = CASE WHEN r.retry AND NOT j.cancel_requested THEN NULL ELSE now() END,
     last_error = r.error,
     errors = j.errors || jsonb_build_array(jsonb_build_object(
-        'attempt', j.attempts, 'at', now(), 'error', r.error, 'traceback', NULL))
+        'attempt', j.attempts, 'started_at', j.started_at, 'at', now(), 'error', r.error,
+        'traceback', NULL))
 FROM unnest($1::bigint[], $2::double precision[], $3::boolean[], $4::text[])
     AS r(id, delay, retry, error)
 WHERE j.id = r.id AND j.id = ANY($1::bigint[]) AND j.status = 'processing'
@@ -916,6 +918,86 @@ WITH doomed AS (
     DELETE FROM {{schema}}.jobs j USING doomed WHERE j.id = doomed.id RETURNING 1
 )
 SELECT count(*)::integer FROM deleted;
+
+-- ---------------------------------------------------------------------------------
+-- Dashboard (/ui/): queue samples (0011) and searches
+-- ---------------------------------------------------------------------------------
+
+-- name: record_queue_sample
+-- Record a queue sample (see 0011): per type $1[i], its ready $2[i], scheduled $3[i]
+-- and processing $4[i] jobs (queue_depth's count), and how many of its jobs completed
+-- and failed since the previous sample (the first one: in the last $5 seconds; never
+-- more than an hour back). Samples end a second ago: a completion's finished_at is
+-- its transaction's start, so one committing now may carry an instant already past,
+-- and counted later it would fall between samples.
+WITH since AS (
+    SELECT greatest(coalesce(max(at), now() - interval '1 second'
+                                        - make_interval(secs => $5)),
+                    now() - interval '1 hour') AS at
+    FROM {{schema}}.queue_samples
+), finished AS (
+    SELECT j.type,
+           count(*) FILTER (WHERE j.status = 'completed') AS completed,
+           count(*) FILTER (WHERE j.status = 'failed') AS failed
+    FROM {{schema}}.jobs j, since
+    WHERE j.status IN ('completed', 'failed', 'cancelled')
+      AND j.finished_at > since.at AND j.finished_at <= now() - interval '1 second'
+    GROUP BY j.type
+), depth AS (
+    SELECT * FROM unnest($1::text[], $2::integer[], $3::integer[], $4::integer[])
+        AS d(type, ready, scheduled, processing)
+)
+INSERT INTO {{schema}}.queue_samples (at, type, ready, scheduled, processing, completed, failed)
+SELECT now() - interval '1 second', coalesce(d.type, f.type), coalesce(d.ready, 0),
+       coalesce(d.scheduled, 0), coalesce(d.processing, 0), coalesce(f.completed, 0),
+       coalesce(f.failed, 0)
+FROM depth d
+FULL JOIN finished f ON f.type = d.type
+ON CONFLICT DO NOTHING;
+
+-- name: prune_queue_samples
+-- Forget queue samples older than two hours (the dashboard shows the last one).
+DELETE FROM {{schema}}.queue_samples WHERE at < now() - interval '2 hours';
+
+-- name: queue_history
+-- The last hour, minute by minute, from the queue samples: jobs completed and failed
+-- in the minute, and the queue (ready, scheduled, processing, all types) at its last
+-- sample. Minutes without a sample are missing.
+WITH instants AS (
+    SELECT at, sum(ready)::bigint AS ready, sum(scheduled)::bigint AS scheduled,
+           sum(processing)::bigint AS processing, sum(completed)::bigint AS completed,
+           sum(failed)::bigint AS failed
+    FROM {{schema}}.queue_samples
+    WHERE at > now() - interval '1 hour'
+    GROUP BY at
+)
+SELECT date_trunc('minute', at) AS minute,
+       sum(completed)::bigint AS completed,
+       sum(failed)::bigint AS failed,
+       (array_agg(ready ORDER BY at DESC))[1] AS ready,
+       (array_agg(scheduled ORDER BY at DESC))[1] AS scheduled,
+       (array_agg(processing ORDER BY at DESC))[1] AS processing
+FROM instants
+GROUP BY 1
+ORDER BY 1;
+
+-- name: finished_by_type
+-- Per type, its jobs completed and failed in the last hour (queue samples).
+SELECT type, sum(completed)::bigint AS completed, sum(failed)::bigint AS failed
+FROM {{schema}}.queue_samples
+WHERE at > now() - interval '1 hour'
+GROUP BY type;
+
+-- name: list_jobs_by_unique_key
+-- list_jobs for the jobs with unique_key $1: optionally only status $2 and type $3,
+-- ids below $4, at most $5, newest first.
+SELECT * FROM {{schema}}.jobs
+WHERE unique_key = $1
+  AND ($2::text IS NULL OR status = $2)
+  AND ($3::text IS NULL OR type = $3)
+  AND ($4::bigint IS NULL OR id < $4)
+ORDER BY id DESC
+LIMIT $5;
 
 -- ---------------------------------------------------------------------------------
 -- Per-type controls, result cache, dead letters, periodic schedules (0002)
@@ -1115,6 +1197,8 @@ WITH needed(object, privilege) AS (
            ('schedules', 'SELECT'), ('schedules', 'INSERT'), ('schedules', 'UPDATE'),
            ('schedule_runs', 'SELECT'), ('schedule_runs', 'INSERT'),
            ('schedule_runs', 'DELETE'),
+           ('queue_samples', 'SELECT'), ('queue_samples', 'INSERT'),
+           ('queue_samples', 'DELETE'),
            ('migrations', 'SELECT')
 ), usage AS (
     SELECT has_schema_privilege($1::text, 'USAGE') AS granted

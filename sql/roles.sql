@@ -38,6 +38,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.replicas TO {{runtime}};
 GRANT SELECT, INSERT, UPDATE ON {{schema}}.job_types TO {{runtime}};
 GRANT SELECT, INSERT, UPDATE ON {{schema}}.schedules TO {{runtime}};
 GRANT SELECT, INSERT, DELETE ON {{schema}}.schedule_runs TO {{runtime}};
+GRANT SELECT, INSERT, DELETE ON {{schema}}.queue_samples TO {{runtime}};
 GRANT SELECT ON {{schema}}.migrations TO {{runtime}};
 GRANT USAGE ON SEQUENCE {{schema}}.jobs_id_seq TO {{runtime}};
 

@@ -156,6 +156,12 @@ class Settings:
     api_token: str | None = _setting(
         None, parse_optional_text, "bearer token guarding the HTTP API", secret=True
     )
+    ui_readonly_token: str | None = _setting(
+        None,
+        parse_optional_text,
+        "token that logs into the dashboard (/ui/) read-only: every page, no actions",
+        secret=True,
+    )
     log_format: str = _setting("auto", _choice("auto", "json", "console"), "log line format")
     log_level: str = _setting(
         "info", _choice("debug", "info", "warning", "error"), "lowest level logged"

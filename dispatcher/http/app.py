@@ -20,6 +20,7 @@ from dispatcher.http import cluster, job_types, jobs, probes
 from dispatcher.http.body_limit import ENVELOPE_BYTES, BodyLimit
 from dispatcher.http.dependencies import ApiContext, ReplicaView, require_token
 from dispatcher.http.errors import register_error_handlers
+from dispatcher.http.ui import install_dashboard
 
 
 def build_api(replica: ReplicaView, *, insecure_no_auth: bool = False) -> FastAPI:
@@ -50,6 +51,7 @@ def build_api(replica: ReplicaView, *, insecure_no_auth: bool = False) -> FastAP
     )
     for router in (cluster.router, jobs.router, job_types.router):
         api.routes.extend(router.routes)
+    install_dashboard(api, api.state.context)
     return api
 
 

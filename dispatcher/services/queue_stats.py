@@ -11,10 +11,15 @@ instead of counting. Precision: one pass (``interval``); producers can overshoot
 ``max_pending`` by what they enqueue in that time. Counts are serialized by a
 transaction lock (they overlap across a leader change), so a stale count never
 reopens a queue that a newer one closed.
+
+Samples: at most every ``SAMPLE_INTERVAL`` the same count is also recorded in
+``queue_samples`` with the jobs finished since the previous sample, for the
+dashboard's charts (migration 0011); samples older than two hours are pruned.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,6 +29,9 @@ from dispatcher.core.log import get_logger
 from dispatcher.core.metrics import OTHER_TYPES, Metrics, Service
 from dispatcher.core.queries import queries_for
 from dispatcher.services.service_loop import run_every
+
+# Seconds between queue samples: 360 rows an hour per type.
+SAMPLE_INTERVAL = 10.0
 
 
 class QueueStats:
@@ -46,9 +54,11 @@ class QueueStats:
         self._log = get_logger("queue_stats")
         # Declared once per term: whichever replica leads, its app is the reference.
         self._declared = False
+        self._sampled_at: float | None = None
 
     async def run(self) -> None:
         self._declared = False
+        self._sampled_at = None
         try:
             await run_every(
                 self.run_once,
@@ -86,6 +96,18 @@ class QueueStats:
                 [row["type"] for row in rows],
                 [row["ready"] + row["scheduled"] for row in rows],
             )
+            now = time.monotonic()
+            if self._sampled_at is None or now - self._sampled_at >= SAMPLE_INTERVAL:
+                await conn.execute(
+                    self._queries["record_queue_sample"],
+                    [row["type"] for row in rows],
+                    [row["ready"] for row in rows],
+                    [row["scheduled"] for row in rows],
+                    [row["processing"] for row in rows],
+                    SAMPLE_INTERVAL,
+                )
+                await conn.execute(self._queries["prune_queue_samples"])
+                self._sampled_at = now
         export_queue_depth(self._metrics, rows)
 
     def clear(self) -> None:

@@ -1,4 +1,5 @@
-"""What ships: the wheel carries sql/, and a missing database says what to do."""
+"""What ships: the wheel carries sql/ and the dashboard's templates and assets, and a
+missing database says what to do."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_wheel_ships_migrations_and_queries(tmp_path: Path) -> None:
+def test_the_wheel_ships_migrations_queries_and_the_dashboard(tmp_path: Path) -> None:
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run(
         [*build, "-w", str(tmp_path), str(ROOT)],
@@ -27,6 +28,15 @@ def test_the_wheel_ships_migrations_and_queries(tmp_path: Path) -> None:
     in_checkout = {p.name for p in (ROOT / "sql").glob("*.sql")}
     assert shipped_sql == in_checkout
     assert "0001_initial.sql" in shipped_sql and "queries.sql" in shipped_sql
+    # The dashboard needs no CDN and no build step: every file it serves is inside.
+    ui = ROOT / "dispatcher" / "http" / "ui"
+    in_checkout_ui = {
+        str(p.relative_to(ROOT))
+        for folder in ("templates", "static")
+        for p in (ui / folder).iterdir()
+    }
+    assert in_checkout_ui >= {"dispatcher/http/ui/static/ui.js", "dispatcher/http/ui/static/ui.css"}
+    assert in_checkout_ui <= names
 
 
 def test_no_dsn_and_no_embedded_server_says_what_to_install_or_set(tmp_path: Path) -> None:

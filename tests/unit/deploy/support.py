@@ -44,7 +44,7 @@ EXTERNAL_ALERT_METRICS = {
     "kube_deployment_spec_replicas",
     "kube_deployment_status_replicas_available",
 }
-SECRET_SETTINGS = {"dsn", "election_dsn", "api_token"}
+SECRET_SETTINGS = {"dsn", "election_dsn", "api_token", "ui_readonly_token"}
 
 
 # --- helpers: YAML, rendering --------------------------------------------------------
