@@ -77,6 +77,7 @@ def run_dev(settings: Settings, *, app: str, replicas: int) -> int:
         """-H 'Content-Type: application/json' -d '{"type": "demo.echo", "payload": {"hi": 1}}'"""
     )
     print(f"  curl -s localhost:{base_port}/status -H 'Authorization: Bearer {token}'")
+    print(f"dashboard: http://localhost:{base_port}/ui/ (log in with the API token)")
     print(f"starting {replicas} replica(s) of {app} on ports "
           f"{base_port}..{base_port + replicas - 1}; Ctrl-C stops them", flush=True)  # fmt: skip
 

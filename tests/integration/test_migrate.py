@@ -40,6 +40,7 @@ async def test_migrate_on_an_empty_database_then_rerun_is_a_noop(
             "job_types",
             "schedules",
             "schedule_runs",
+            "queue_samples",
         }
         await check_schema_current(conn, unmigrated_schema)
 
