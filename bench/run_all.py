@@ -20,6 +20,7 @@ BENCHMARKS = {
     "table_growth": [],
     "memory": [],
     "heartbeat_hot": [],
+    "dashboard": [],
 }
 LONG = {"burndown": ["--jobs", "200000"], "raw_sql": ["--jobs", "200000"]}
 

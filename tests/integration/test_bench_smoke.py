@@ -20,6 +20,7 @@ TINY = {
     "table_growth": ["--jobs", "300", "--finished", "3000", "--rounds", "1"],
     "memory": ["--jobs", "50", "--seconds", "3"],
     "heartbeat_hot": ["--jobs", "50", "--beats", "3"],
+    "dashboard": ["--finished", "3000", "--pending", "300", "--repeats", "2"],
     "steady": ["--rates", "100", "--slots", "4", "--phase-seconds", "2", "--restart-after", "1"],
 }
 
