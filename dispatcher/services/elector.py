@@ -142,6 +142,11 @@ class Elector:
         self._stopping = False
         self._step_deadline = 3 * self.timing.statement_timeout + self.timing.terminate_wait
         self._takeover_refused_logged = False
+        # One step at a time on the election connection: the release (at SIGTERM) waits
+        # for a renewal or election in flight, as asyncpg refuses a second statement
+        # beside it ("another operation is in progress"); and only after that step is it
+        # known whether we lead.
+        self._step_lock = asyncio.Lock()
         # The session we hold the lock on; any other session means we lost it.
         self._session: asyncpg.Connection | None = None
         notifier.subscribe(self._names.leader_channel, self._leader_released)
@@ -179,6 +184,11 @@ class Elector:
 
     async def run_once(self) -> None:
         """One step: renew the lease if leading, else try to become leader."""
+        async with self._step_lock:
+            if not self._stopping:
+                await self._step()
+
+    async def _step(self) -> None:
         if self.role is Role.LEADER and self._notifier.current() is not self._session:
             await self._depose("database connection lost")
         try:
@@ -207,6 +217,10 @@ class Elector:
         """Stop contending; if leading, hand over at once (unlock + NOTIFY)."""
         self._stopping = True
         self._wake.set()
+        async with self._step_lock:
+            await self._hand_over()
+
+    async def _hand_over(self) -> None:
         if self.role is not Role.LEADER or self.term is None:
             return
         term = self.term

@@ -329,6 +329,45 @@ async def test_release_hands_over_within_milliseconds(
     assert handover < 0.5
 
 
+async def test_a_release_during_a_renewal_waits_for_it_then_ends_the_lease(
+    db: TestDatabase,
+) -> None:
+    """SIGTERM can come while the lease renewal is on the wire: the release must not
+    send its statement on the same connection meanwhile (asyncpg refuses: "another
+    operation is in progress", and the lease stayed current for a dead holder)."""
+    terms: list[int] = []
+    timing = ElectionTiming(election_interval=0.5, heartbeat_interval=0.2, lease=10.0)
+    leader = Replica(db, "leader", terms, timing)
+    leader.start()
+    await eventually(lambda: asyncio.sleep(0, leader.believes_leader()), timeout=5, what="leader")
+    pid = leader.backend_pid()
+    blocker = await db.connect()
+    admin = await db.connect()
+    try:
+        async with blocker.transaction():
+            await blocker.execute(f"SELECT * FROM {db.schema}.leader FOR UPDATE")
+
+            async def renewal_blocked() -> bool:
+                waiting = await admin.fetchval(
+                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+                )
+                return bool(waiting)
+
+            await eventually(renewal_blocked, timeout=5, what="the renewal waiting on our lock")
+            release = asyncio.create_task(leader.release())
+            # The release waits for the renewal rather than failing beside it.
+            await asyncio.sleep(0)
+            assert not release.done()
+        await asyncio.wait_for(release, timeout=10)
+        row = await leader_row(admin, db.schema)
+        assert row["term"] == terms[0]
+        assert not row["lease_current"], "the release did not end the lease"
+        assert leader.deposed_reasons == ["released"]
+    finally:
+        await blocker.close()
+        await admin.close()
+
+
 async def test_replica_registry_heartbeats_and_the_leader_prunes(db: TestDatabase) -> None:
     pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=2)
     leading = False
