@@ -16,6 +16,9 @@ async function refresh(ids) {
   for (const id of ids) {
     const current = document.getElementById(id);
     const replacement = fresh.getElementById(id);
+    // Not under a pointer on its way to a button, nor while a button has the focus:
+    // the click would land on a button the swap just removed. Next tick, then.
+    if (current && current.querySelector("button:hover, button:focus")) continue;
     if (current && replacement) current.replaceWith(document.importNode(replacement, true));
   }
 }
