@@ -46,10 +46,11 @@ INSERT INTO {{schema}}.migrations (version, name, checksum) VALUES ($1, $2, $3);
 -- name: insert_job
 -- Enqueue one job. run_at: $5 absolute, else now() + $6, else now() (database clock).
 -- No row back: the type's queue is full (job_types.accepting, kept by the leader).
-INSERT INTO {{schema}}.jobs (type, payload, priority, max_attempts, run_at, timeout, unique_key)
+INSERT INTO {{schema}}.jobs (type, payload, priority, max_attempts, run_at, timeout, unique_key,
+                             concurrency_key)
 SELECT $1, $2::text::jsonb, $3, $4,
        COALESCE($5::timestamptz, now() + $6::interval, now()),
-       $7, $8
+       $7, $8, $9
 WHERE NOT EXISTS (
     SELECT 1 FROM {{schema}}.job_types t WHERE t.type = $1 AND NOT t.accepting
 )
@@ -61,10 +62,11 @@ RETURNING *, false AS duplicate, false AS cached;
 -- finished between our conflict and our look (the caller tries again), or the type's
 -- queue is full (queue_full tells which).
 WITH inserted AS (
-    INSERT INTO {{schema}}.jobs (type, payload, priority, max_attempts, run_at, timeout, unique_key)
+    INSERT INTO {{schema}}.jobs (type, payload, priority, max_attempts, run_at, timeout,
+                                 unique_key, concurrency_key)
     SELECT $1, $2::text::jsonb, $3, $4,
            COALESCE($5::timestamptz, now() + $6::interval, now()),
-           $7, $8
+           $7, $8, $9
     WHERE NOT EXISTS (
         SELECT 1 FROM {{schema}}.job_types t WHERE t.type = $1 AND NOT t.accepting
     )
@@ -382,7 +384,13 @@ capacity AS (
 -- committed before. Times are the statement's: a worker's lock wait comes before it.
 -- A statement of its own, not claim_jobs with these CTEs idle: planned on every run,
 -- they made the leader's claim a third slower (0.93 -> 1.27 ms round trip, 4 types).
-WITH RECURSIVE fence AS MATERIALIZED (
+WITH RECURSIVE {{worker_fence}},
+{{claim_due_jobs}};
+
+-- fragment: worker_fence
+-- claim_jobs_worker's fence (one row while claim $8 of replica $2 is not revoked) and
+-- capacity (its $3 to $14 by type, within the cluster and rate limits) CTEs.
+fence AS MATERIALIZED (
     -- After lock_types' wait, not at the transaction's start.
     SELECT r.id, statement_timestamp() AS at FROM {{schema}}.replicas r
     WHERE r.id = $2 AND r.claims_revoked_before <= $8
@@ -431,8 +439,125 @@ capacity AS (
     FROM limits l
     LEFT JOIN running r ON r.type = l.type
     LEFT JOIN started s ON s.type = l.type
+)
+
+-- name: claim_keyed_jobs
+-- claim_jobs for types whose executor has a key limit: claim_jobs' $1 to $11 (the
+-- priority hints and scan starts are not used) and key limit $12[i] of type $3[i]
+-- (see pick_keyed_jobs). Fenced as claim_jobs.
+WITH RECURSIVE {{leader_fence}},
+key_limits AS (
+    SELECT * FROM unnest($3::text[], $12::integer[]) AS k(type, key_limit)
 ),
-{{claim_due_jobs}};
+{{pick_keyed_jobs}}
+{{start_picked_jobs}};
+
+-- name: claim_keyed_jobs_worker
+-- claim_keyed_jobs in worker mode: claim_jobs_worker's $1 to $14 and key limit $15[i]
+-- of type $3[i]. Run after lock_types (every keyed type is locked), in the same
+-- transaction, so the per-key counts see every claim committed before.
+WITH RECURSIVE {{worker_fence}},
+key_limits AS (
+    SELECT * FROM unnest($3::text[], $15::integer[]) AS k(type, key_limit)
+),
+{{pick_keyed_jobs}}
+{{start_picked_jobs}};
+
+-- fragment: pick_keyed_jobs
+-- pick_due_jobs for keyed types, after fence, capacity and key_limits (type, key_limit)
+-- CTEs: per type at most capacity.free jobs, $5 in all, and per concurrency_key at
+-- most key_limit processing at once, counting the jobs processing under any owner (a
+-- previous leader's, another worker's). Within a key, due jobs go in priority, run_at,
+-- id order (a retried job's run_at is its retry time); across keys, by the same order
+-- of their first due jobs. Each key with pending jobs costs one probe of
+-- jobs_pending_key_idx (a loose scan), however many jobs wait under it: a hot key
+-- neither starves the others nor slows the claim. Jobs of the type without a key are
+-- found by the claim index, limited by capacity only.
+keyed AS (
+    SELECT c.type, c.free, c.max_attempts, c.timeout, k.key_limit
+    FROM capacity c
+    JOIN key_limits k ON k.type = c.type
+    WHERE c.free > 0
+      -- A pause takes effect at the next claim, whoever has heard of it yet.
+      AND NOT EXISTS (
+          SELECT 1 FROM {{schema}}.job_types t WHERE t.type = c.type AND t.paused
+      )
+),
+running_keys AS (
+    SELECT j.type, j.concurrency_key, count(*)::integer AS n
+    FROM {{schema}}.jobs j
+    WHERE j.status = 'processing' AND j.concurrency_key IS NOT NULL
+      AND j.type = ANY(ARRAY(SELECT type FROM keyed))
+    GROUP BY j.type, j.concurrency_key
+),
+pending_keys AS (
+    SELECT c.type, (
+        SELECT min(concurrency_key) FROM {{schema}}.jobs
+        WHERE status = 'pending' AND concurrency_key IS NOT NULL AND type = c.type
+    ) AS key
+    FROM keyed c
+    UNION ALL
+    SELECT p.type, (
+        SELECT min(concurrency_key) FROM {{schema}}.jobs
+        WHERE status = 'pending' AND concurrency_key IS NOT NULL AND type = p.type
+          AND concurrency_key > p.key
+    )
+    FROM pending_keys p
+    WHERE p.key IS NOT NULL
+),
+candidates AS (
+    SELECT c.type, due.id, due.priority, due.run_at
+    FROM pending_keys p
+    JOIN keyed c ON c.type = p.type
+    CROSS JOIN fence
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at
+        FROM {{schema}}.jobs
+        WHERE status = 'pending' AND concurrency_key IS NOT NULL
+          AND type = p.type AND concurrency_key = p.key AND run_at <= fence.at
+        ORDER BY priority, run_at, id
+        LIMIT greatest(c.key_limit - coalesce((
+            SELECT r.n FROM running_keys r
+            WHERE r.type = p.type AND r.concurrency_key = p.key
+        ), 0), 0)
+    ) due
+    WHERE p.key IS NOT NULL
+    UNION ALL
+    SELECT c.type, due.id, due.priority, due.run_at
+    FROM keyed c
+    CROSS JOIN fence
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at
+        FROM {{schema}}.jobs
+        WHERE status = 'pending' AND type = c.type AND concurrency_key IS NULL
+          AND run_at <= fence.at
+        ORDER BY priority, run_at, id
+        LIMIT c.free
+    ) due
+),
+chosen AS (
+    SELECT x.id, c.max_attempts, c.timeout
+    FROM keyed c
+    CROSS JOIN LATERAL (
+        SELECT cand.id, cand.priority, cand.run_at
+        FROM candidates cand
+        WHERE cand.type = c.type
+        ORDER BY cand.priority, cand.run_at, cand.id
+        LIMIT c.free
+    ) x
+    ORDER BY x.priority, x.run_at, x.id
+    LIMIT $5
+),
+-- Locked last, and only the chosen rows: a row someone holds (a cancel, a retry) is
+-- skipped, never waited for, and then no other job of its key is taken in its place.
+picked AS MATERIALIZED (
+    SELECT j.id, chosen.max_attempts, chosen.timeout, fence.at
+    FROM fence
+    CROSS JOIN chosen
+    JOIN {{schema}}.jobs j ON j.id = chosen.id
+    WHERE j.status = 'pending'
+    FOR UPDATE OF j SKIP LOCKED
+)
 
 -- name: complete_jobs
 -- Write a batch of attempt outcomes for owner $1 (group commit). Per job: id $2[i],

@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--timeout", type=float, help=option["timeout"])
     enqueue.add_argument("--unique-key", help=option["unique_key"])
     enqueue.add_argument("--cache-ttl", type=float, help=option["cache_ttl"])
+    enqueue.add_argument("--concurrency-key", help=option["concurrency_key"])
 
     jobs = commands.add_parser("jobs", help="list, show, cancel or retry jobs")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")

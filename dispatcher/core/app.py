@@ -42,6 +42,7 @@ class ExecutorSpec:
     retry: RetryPolicy
     max_pending: int | None = None
     rate_limit: RateLimit | None = None
+    key_concurrency: int | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class App:
         retry: RetryPolicy | None = None,
         max_pending: int | None = None,
         rate_limit: tuple[int, float] | None = None,
+        key_concurrency: int | None = None,
     ) -> Callable[[F], F]:
         """Register the decorated function as the executor of ``type``.
 
@@ -144,7 +146,10 @@ class App:
         ``max_attempts``: attempts before the job fails for good. ``retry``: backoff.
         ``max_pending``: producers get QueueFull (HTTP 429) once about this many jobs
         of the type are pending. ``rate_limit=(n, seconds)``: at most n starts per that
-        many seconds across the cluster.
+        many seconds across the cluster. ``key_concurrency``: at most this many jobs of
+        the type with the same ``concurrency_key`` run at once, across the cluster, in
+        priority, run_at, id order within a key (1: one at a time per key, in order);
+        jobs without a key are limited by the other limits only.
         """
         what = f"executor {type!r}"
         if not isinstance(type, str) or not type.strip() or len(type) > MAX_TYPE_LENGTH:
@@ -156,6 +161,7 @@ class App:
         _check_positive("timeout", timeout, integer=False, what=what)
         _check_positive("max_attempts", max_attempts, integer=True, what=what)
         _check_positive("max_pending", max_pending, integer=True, what=what)
+        _check_positive("key_concurrency", key_concurrency, integer=True, what=what)
         limit: RateLimit | None = None
         if rate_limit is not None:
             if not (isinstance(rate_limit, tuple) and len(rate_limit) == 2):
@@ -183,6 +189,7 @@ class App:
                 retry=retry or self.retry,
                 max_pending=max_pending,
                 rate_limit=limit,
+                key_concurrency=key_concurrency,
             )
             return function
 

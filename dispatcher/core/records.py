@@ -98,9 +98,10 @@ class NewJob:
     timeout: float | None
     unique_key: str | None
     cache_ttl: float | None = None
+    concurrency_key: str | None = None
 
     def insert_args(self) -> tuple[Any, ...]:
-        """Values for $1..$8 of insert_job / insert_job_unique."""
+        """Values for $1..$9 of insert_job / insert_job_unique."""
         return (
             self.type,
             self.payload_json,
@@ -110,6 +111,7 @@ class NewJob:
             self.run_in,
             self.timeout,
             self.unique_key,
+            self.concurrency_key,
         )
 
 
@@ -124,6 +126,7 @@ class EnqueueOptions(TypedDict, total=False):
     timeout: float | None
     unique_key: str | None
     cache_ttl: float | None
+    concurrency_key: str | None
 
 
 class BulkOptions(TypedDict, total=False):
@@ -148,6 +151,8 @@ ENQUEUE_OPTION_HELP: dict[str, str] = {
     "is returned (duplicate) and nothing is inserted; race-free",
     "cache_ttl": "seconds: a job of the type with this unique_key that completed within "
     "them is returned (cached, with its result) instead of running it again",
+    "concurrency_key": "jobs of the type with the same key run at most key_concurrency at "
+    "once (the executor's), in priority, run_at, id order (e.g. a customer id)",
 }
 
 
@@ -175,6 +180,7 @@ def new_job_values(type: str, payload: Any = None, **options: Unpack[EnqueueOpti
     timeout = options.get("timeout")
     unique_key = options.get("unique_key")
     cache_ttl = options.get("cache_ttl")
+    concurrency_key = options.get("concurrency_key")
     if not isinstance(type, str) or not type.strip():
         raise InvalidJob("type must be a non-empty string")
     if len(type) > MAX_TYPE_LENGTH:
@@ -204,6 +210,12 @@ def new_job_values(type: str, payload: Any = None, **options: Unpack[EnqueueOpti
         raise InvalidJob("unique_key must not contain NUL characters")
     if unique_key is not None:
         check_unicode(unique_key, what="unique_key")
+    if concurrency_key is not None:
+        if not isinstance(concurrency_key, str) or not concurrency_key:
+            raise InvalidJob("concurrency_key must be a non-empty string or None")
+        if "\x00" in concurrency_key:
+            raise InvalidJob("concurrency_key must not contain NUL characters")
+        check_unicode(concurrency_key, what="concurrency_key")
     if cache_ttl is not None:
         if isinstance(cache_ttl, bool) or not isinstance(cache_ttl, int | float):
             raise InvalidJob(f"cache_ttl must be a number of seconds, got {cache_ttl!r}")
@@ -231,6 +243,7 @@ def new_job_values(type: str, payload: Any = None, **options: Unpack[EnqueueOpti
         timeout=None if timeout is None else float(timeout),
         unique_key=unique_key,
         cache_ttl=None if cache_ttl is None else float(cache_ttl),
+        concurrency_key=concurrency_key,
     )
 
 
@@ -259,6 +272,7 @@ class JobRecord:
     last_error: str | None
     errors: list[dict[str, Any]] = field(default_factory=list)
     cancel_requested: bool = False
+    concurrency_key: str | None = None
     # Set by enqueue when an active job with the same unique_key already existed and
     # was returned instead of a new one.
     duplicate: bool = False
@@ -291,6 +305,7 @@ class JobRecord:
             last_error=row["last_error"],
             errors=decode_json(row["errors"]),
             cancel_requested=row["cancel_requested"],
+            concurrency_key=row["concurrency_key"],
             duplicate=bool(row.get("duplicate", False)),
             cached=bool(row.get("cached", False)),
         )

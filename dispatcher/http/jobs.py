@@ -54,6 +54,12 @@ class EnqueueRequest(BaseModel):
     max_attempts: StrictInt | None = Field(None, ge=1, le=MAX_ATTEMPTS)
     timeout: StrictNumber | None = Field(None, gt=0, le=365 * 86400, description="seconds")
     unique_key: str | None = Field(None, min_length=1, max_length=1000)
+    concurrency_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1000,
+        description="jobs of the type with the same key run at most key_concurrency at once",
+    )
     cache_ttl: StrictNumber | None = Field(
         None,
         gt=0,

@@ -15,6 +15,11 @@ count the limits:
   anywhere (and the recent starts) after taking it, so those limits stay exact; the
   global limit then bounds each replica on its own.
 
+Types whose executor has a key limit (``key_concurrency``) are claimed by a statement
+of their own (``claim_keyed_jobs``, ``claim_keyed_jobs_worker``), which counts the
+jobs processing per concurrency key: the others' claim pays nothing for it. A claim
+with both kinds sends both statements.
+
 The dispatcher asks a mode when to claim (:meth:`claiming`), what else holds its
 slots (:meth:`running_elsewhere`), how many a type may start (:meth:`allowance`), and
 has it send the claim (:meth:`claim`). The leader's claim can also carry a batch of
@@ -28,8 +33,8 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import asyncpg
@@ -55,6 +60,29 @@ class ClaimRequest:
     since: list[tuple[dt.datetime, int] | None]  # (run_at, id) the hint's scan starts after
     cursors_generation: int  # ClaimCursors.generation when this claim was made
     timeout: float  # the statement's
+    # Per type: at most this many processing per concurrency_key (None: no key limit).
+    key_limits: list[int | None]
+
+    def only(self, indexes: Sequence[int]) -> ClaimRequest:
+        """This claim for the types at ``indexes`` only."""
+        return replace(
+            self,
+            types=[self.types[i] for i in indexes],
+            frees=[self.frees[i] for i in indexes],
+            max_attempts=[self.max_attempts[i] for i in indexes],
+            timeouts=[self.timeouts[i] for i in indexes],
+            hints=[self.hints[i] for i in indexes],
+            since=[self.since[i] for i in indexes],
+            key_limits=[self.key_limits[i] for i in indexes],
+        )
+
+    def split_keyed(self) -> tuple[ClaimRequest | None, ClaimRequest | None]:
+        """(the types without a key limit, the types with one); None where none."""
+        keyed = [i for i, limit in enumerate(self.key_limits) if limit is not None]
+        if not keyed:
+            return self, None
+        plain = [i for i, limit in enumerate(self.key_limits) if limit is None]
+        return (self.only(plain) if plain else None), self.only(keyed)
 
 
 class ClaimMode(Protocol):
@@ -189,21 +217,34 @@ class LeaderClaims:
     async def claim(self, conn: asyncpg.Connection, request: ClaimRequest) -> list[asyncpg.Record]:
         if self.term is None:
             return []
-        rows: list[asyncpg.Record] = await conn.fetch(
-            self._queries["claim_jobs"],
-            self.term,
-            *_claim_arguments(request),
-            timeout=request.timeout,
-        )
+        plain, keyed = request.split_keyed()
+        rows: list[asyncpg.Record] = []
+        if keyed is not None:
+            rows += await conn.fetch(
+                self._queries["claim_keyed_jobs"],
+                self.term,
+                *_claim_arguments(keyed),
+                keyed.key_limits,
+                timeout=request.timeout,
+            )
+        if plain is not None and request.batch > len(rows):
+            rows += await conn.fetch(
+                self._queries["claim_jobs"],
+                self.term,
+                *_claim_arguments(replace(plain, batch=request.batch - len(rows))),
+                timeout=request.timeout,
+            )
         return rows
 
     async def claim_completing(
         self, conn: asyncpg.Connection, request: ClaimRequest, outcomes: tuple[object, ...]
     ) -> list[asyncpg.Record]:
+        # Keyed types are left to the next claim (the freed slots wake it).
+        plain, _ = request.split_keyed()
         rows: list[asyncpg.Record] = await conn.fetch(
             self._queries["complete_and_claim_jobs"],
             self.term,  # None once deposed: the fence then claims nothing
-            *_claim_arguments(request),
+            *_claim_arguments(plain or request.only([])),
             *outcomes,
             timeout=request.timeout,
         )
@@ -256,6 +297,19 @@ class WorkerClaims:
         return None
 
     async def claim(self, conn: asyncpg.Connection, request: ClaimRequest) -> list[asyncpg.Record]:
+        plain, keyed = request.split_keyed()
+        rows: list[asyncpg.Record] = []
+        if keyed is not None:
+            rows += await self._claim(conn, keyed, "claim_keyed_jobs_worker")
+        if plain is not None and request.batch > len(rows):
+            rest = replace(plain, batch=request.batch - len(rows))
+            rows += await self._claim(conn, rest, "claim_jobs_worker")
+        return rows
+
+    async def _claim(
+        self, conn: asyncpg.Connection, request: ClaimRequest, statement: str
+    ) -> list[asyncpg.Record]:
+        keyed = statement == "claim_keyed_jobs_worker"
         limits = [self._cluster_limits[t] for t in request.types]
         rates = [self._rate_limits[t] for t in request.types]
         arguments = (
@@ -264,25 +318,23 @@ class WorkerClaims:
             limits,
             [r.starts if r else None for r in rates],
             [r.per if r else None for r in rates],
+            *([request.key_limits] if keyed else []),
         )
+        # Per-key counts, like cluster and rate limits, are exact only serialized.
         locked = [
             t
             for t, limit, rate in zip(request.types, limits, rates, strict=True)
-            if limit is not None or rate is not None
+            if limit is not None or rate is not None or keyed
         ]
         rows: list[asyncpg.Record]
         if not locked:  # no cluster-wide count to serialize: one statement, no transaction
-            rows = await conn.fetch(
-                self._queries["claim_jobs_worker"], *arguments, timeout=request.timeout
-            )
+            rows = await conn.fetch(self._queries[statement], *arguments, timeout=request.timeout)
             return rows
         async with conn.transaction():
             await conn.execute(
                 self._queries["lock_types"], locked, self._schema, timeout=request.timeout
             )
-            rows = await conn.fetch(
-                self._queries["claim_jobs_worker"], *arguments, timeout=request.timeout
-            )
+            rows = await conn.fetch(self._queries[statement], *arguments, timeout=request.timeout)
         return rows
 
     async def claim_completing(

@@ -134,6 +134,7 @@ class Dispatcher:
         # Where each type's next claim starts its scan of the claim index.
         self.cursors = ClaimCursors()
         self._max_attempts = [app.executors[t].max_attempts for t in self._types]
+        self._key_limits = [app.executors[t].key_concurrency for t in self._types]
         self._timeouts = [app.executors[t].timeout for t in self._types]
         self._wait_histograms = {t: metrics.job_queue_wait.labels(t) for t in self._types}
         metrics.concurrency_limit.labels("*").set(self.limits.global_limit)
@@ -397,6 +398,10 @@ class Dispatcher:
             if free <= 0:
                 limited = True
                 continue
+            if self._key_limits[i] is not None:
+                # Jobs held back by their key's limit do not show in the claim's size:
+                # every freed slot is worth a claim (a job of its key may be next).
+                limited = True
             types.append(type_)
             frees.append(free)
             indexes.append(i)
@@ -415,6 +420,7 @@ class Dispatcher:
             since=[self.cursors.since(t) for t in types],
             cursors_generation=self.cursors.generation,
             timeout=self._claim_timeout,
+            key_limits=[self._key_limits[i] for i in indexes],
         ), limited
 
     async def _schedule_next_due(self) -> None:
