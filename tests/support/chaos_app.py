@@ -57,3 +57,11 @@ async def strict(job: Job) -> dict[str, Any]:
     if not (isinstance(payload, dict) and set(payload) == {"n"} and type(payload["n"]) is int):
         raise PermanentError(f"payload must be {{'n': <int>}}, got {str(payload)[:80]}")
     return {"n": payload["n"]}
+
+
+@app.executor("chaos.keyed", key_concurrency=1)
+async def keyed(job: Job) -> dict[str, Any]:
+    """One at a time per concurrency_key (tests/chaos/test_concurrency_keys.py)."""
+    async with recorder.run(job):
+        await asyncio.sleep(float(job.payload.get("seconds", 0.01)))
+        return {"attempt": job.attempt, "replica": REPLICA, "pid": PID}
