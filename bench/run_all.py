@@ -21,6 +21,7 @@ BENCHMARKS = {
     "memory": [],
     "heartbeat_hot": [],
     "dashboard": [],
+    "keyed_claim": [],
 }
 LONG = {"burndown": ["--jobs", "200000"], "raw_sql": ["--jobs", "200000"]}
 

@@ -472,7 +472,7 @@ key_limits AS (
 -- of their first due jobs. Each key with pending jobs costs one probe of
 -- jobs_pending_key_idx (a loose scan), however many jobs wait under it: a hot key
 -- neither starves the others nor slows the claim. Jobs of the type without a key are
--- found by the claim index, limited by capacity only.
+-- limited by capacity only, and found among the type's first 1,000 due jobs.
 keyed AS (
     SELECT c.type, c.free, c.max_attempts, c.timeout, k.key_limit
     FROM capacity c
@@ -527,11 +527,18 @@ candidates AS (
     FROM keyed c
     CROSS JOIN fence
     CROSS JOIN LATERAL (
-        SELECT id, priority, run_at
-        FROM {{schema}}.jobs
-        WHERE status = 'pending' AND type = c.type AND concurrency_key IS NULL
-          AND run_at <= fence.at
-        ORDER BY priority, run_at, id
+        -- Jobs without a key: among the type's first 1,000 due jobs in claim order (the
+        -- claim index has no key to skip the keyed ones by; a bounded look-ahead keeps
+        -- a backlog of keyed jobs from making every claim walk it).
+        SELECT ahead.id, ahead.priority, ahead.run_at
+        FROM (
+            SELECT id, priority, run_at, concurrency_key
+            FROM {{schema}}.jobs
+            WHERE status = 'pending' AND type = c.type AND run_at <= fence.at
+            ORDER BY priority, run_at, id
+            LIMIT 1000
+        ) ahead
+        WHERE ahead.concurrency_key IS NULL
         LIMIT c.free
     ) due
 ),

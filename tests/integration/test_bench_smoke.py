@@ -21,6 +21,7 @@ TINY = {
     "memory": ["--jobs", "50", "--seconds", "3"],
     "heartbeat_hot": ["--jobs", "50", "--beats", "3"],
     "dashboard": ["--finished", "3000", "--pending", "300", "--repeats", "2"],
+    "keyed_claim": ["--pending", "2000", "--keys", "5", "--claims", "5"],
     "steady": ["--rates", "100", "--slots", "4", "--phase-seconds", "2", "--restart-after", "1"],
 }
 
