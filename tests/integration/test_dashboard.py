@@ -1,7 +1,7 @@
 """The dashboard (/ui/) of an in-process replica over HTTP, against a real Postgres:
 login and sessions, CSRF and read-only refusals, every page, every action checked in
 the database, hostile rows shown as text, and the queue samples behind the charts.
-The same in a real browser: test_dashboard_browser.py."""
+The same in a real browser: tests/browser/test_dashboard_browser.py."""
 
 from __future__ import annotations
 

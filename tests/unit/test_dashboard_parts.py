@@ -1,7 +1,7 @@
 """The dashboard's pure parts: chart geometry, times in words, the session cookie, the
 job timeline, notices and login redirects. Pages and actions against a real Postgres
 are in tests/integration/test_dashboard.py; in a real browser in
-test_dashboard_browser.py."""
+tests/browser/test_dashboard_browser.py."""
 
 from __future__ import annotations
 
