@@ -22,6 +22,7 @@ BENCHMARKS = {
     "heartbeat_hot": [],
     "dashboard": [],
     "keyed_claim": [],
+    "dependencies": [],
 }
 LONG = {"burndown": ["--jobs", "200000"], "raw_sql": ["--jobs", "200000"]}
 

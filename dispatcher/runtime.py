@@ -45,6 +45,7 @@ from dispatcher.http.app import build_api
 from dispatcher.http.serving import HttpServer, listen
 from dispatcher.services.claiming import ClaimMode, LeaderClaims, WorkerClaims
 from dispatcher.services.completer import Completer
+from dispatcher.services.dependencies import DependencyResults
 from dispatcher.services.dispatch import Dispatcher
 from dispatcher.services.draining import Drain, ExitProcess
 from dispatcher.services.elector import ElectionTiming, Elector, Role
@@ -219,6 +220,7 @@ class Runtime:
             # Past the heartbeat's give-up point the reaper may already have rescued it.
             start_within=self.heartbeat.give_up_after,
             session=self.session,
+            dependencies=DependencyResults(pool, s.schema),
         )
         # A batch of outcomes carries the claim of the slots it frees, when one is wanted.
         self.completer.write_with_claim = self.dispatcher.write_with_claim

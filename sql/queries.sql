@@ -46,11 +46,14 @@ INSERT INTO {{schema}}.migrations (version, name, checksum) VALUES ($1, $2, $3);
 -- name: insert_job
 -- Enqueue one job. run_at: $5 absolute, else now() + $6, else now() (database clock).
 -- No row back: the type's queue is full (job_types.accepting, kept by the leader).
+-- With dependencies $10 it is inserted waiting, and a trigger (0013) then settles it
+-- (waiting, pending, or ended at once): the caller reads it again (get_job).
 INSERT INTO {{schema}}.jobs (type, payload, priority, max_attempts, run_at, timeout, unique_key,
-                             concurrency_key)
+                             concurrency_key, depends_on, on_dependency_failure, status)
 SELECT $1, $2::text::jsonb, $3, $4,
        COALESCE($5::timestamptz, now() + $6::interval, now()),
-       $7, $8, $9
+       $7, $8, $9, $10, $11,
+       CASE WHEN cardinality($10::bigint[]) > 0 THEN 'waiting' ELSE 'pending' END
 WHERE NOT EXISTS (
     SELECT 1 FROM {{schema}}.job_types t WHERE t.type = $1 AND NOT t.accepting
 )
@@ -63,10 +66,10 @@ RETURNING *, false AS duplicate, false AS cached;
 -- queue is full (queue_full tells which).
 WITH inserted AS (
     INSERT INTO {{schema}}.jobs (type, payload, priority, max_attempts, run_at, timeout,
-                                 unique_key, concurrency_key)
+                                 unique_key, concurrency_key, depends_on, on_dependency_failure)
     SELECT $1, $2::text::jsonb, $3, $4,
            COALESCE($5::timestamptz, now() + $6::interval, now()),
-           $7, $8, $9
+           $7, $8, $9, $10, $11
     WHERE NOT EXISTS (
         SELECT 1 FROM {{schema}}.job_types t WHERE t.type = $1 AND NOT t.accepting
     )
@@ -131,18 +134,93 @@ COPY {{schema}}.jobs (id, type, payload, priority, max_attempts, run_at, timeout
 COPY {{schema}}.jobs (id, type, payload) FROM STDIN;
 
 -- name: get_job
--- One job by id.
-SELECT * FROM {{schema}}.jobs WHERE id = $1;
+-- One job by id, with open_dependencies: those of its dependencies that have not
+-- completed (NULL: it has none).
+SELECT j.*,
+       CASE WHEN j.depends_on IS NOT NULL THEN ARRAY(
+           SELECT d.id FROM {{schema}}.jobs d
+           WHERE d.id = ANY (j.depends_on) AND d.status <> 'completed'
+           ORDER BY d.id
+       ) END AS open_dependencies
+FROM {{schema}}.jobs j
+WHERE j.id = $1;
 
 -- name: cancel_job
--- Cancel a pending job at once; flag a processing one (a trigger NOTIFYs its owner,
--- which stops it and ends it cancelled). No row back: not found or already finished.
+-- Cancel a pending or waiting job at once; flag a processing one (a trigger NOTIFYs its
+-- owner, which stops it and ends it cancelled). No row back: not found or already
+-- finished. Jobs waiting on it end too (0013's trigger).
 UPDATE {{schema}}.jobs SET
-    status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
-    finished_at = CASE WHEN status = 'pending' THEN now() ELSE finished_at END,
+    status = CASE WHEN status IN ('pending', 'waiting') THEN 'cancelled' ELSE status END,
+    finished_at = CASE WHEN status IN ('pending', 'waiting') THEN now() ELSE finished_at END,
     cancel_requested = (status = 'processing')
-WHERE id = $1 AND status IN ('pending', 'processing')
+WHERE id = $1 AND status IN ('waiting', 'pending', 'processing')
 RETURNING *;
+
+-- ---------------------------------------------------------------------------------
+-- Job dependencies (0013): graphs, results, links
+-- ---------------------------------------------------------------------------------
+
+-- name: closed_queues
+-- Which of types $1 refuse jobs now (backpressure): type, max_pending, pending.
+SELECT type, max_pending, pending
+FROM {{schema}}.job_types
+WHERE type = ANY ($1::text[]) AND NOT accepting
+ORDER BY type;
+
+-- name: reserve_ids
+-- Draw $1 ids from the jobs identity sequence (a graph's: each job's dependencies get
+-- lower ids than it).
+WITH sequence AS MATERIALIZED (
+    SELECT pg_get_serial_sequence('{{schema}}.jobs', 'id')::regclass AS id
+)
+SELECT array_agg(nextval(sequence.id)) AS ids
+FROM sequence, generate_series(1, $1);
+
+-- name: insert_job_graph
+-- Enqueue a graph of jobs in one statement, under reserved ids $1 (every job's
+-- dependencies with lower ids): per job, type $2[i], payload $3[i], priority $4[i],
+-- max_attempts $5[i], run_at $6[i] (absolute) else now() + $7[i] else now(), timeout
+-- $8[i], concurrency_key $9[i], depends_on $10[i] (an array literal such as '{3,4}';
+-- NULL: none), on_dependency_failure $11[i]. 0013's trigger settles each row as the
+-- statement ends (all of its rows are visible to it then). Returns the ids.
+INSERT INTO {{schema}}.jobs (id, type, payload, priority, max_attempts, run_at, timeout,
+                             concurrency_key, depends_on, on_dependency_failure, status)
+SELECT g.id, g.type, g.payload::jsonb, g.priority, g.max_attempts,
+       COALESCE(g.run_at, now() + g.run_in, now()), g.timeout, g.concurrency_key,
+       g.depends_on::bigint[], g.on_dependency_failure,
+       CASE WHEN g.depends_on IS NULL THEN 'pending' ELSE 'waiting' END
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::smallint[], $5::integer[],
+            $6::timestamptz[], $7::interval[], $8::double precision[], $9::text[],
+            $10::text[], $11::text[])
+    AS g(id, type, payload, priority, max_attempts, run_at, run_in, timeout,
+         concurrency_key, depends_on, on_dependency_failure)
+ORDER BY g.id
+RETURNING id;
+
+-- name: dependency_results
+-- The results of job $1's dependencies that completed (all of them, once it runs).
+SELECT d.id, d.result::text AS result
+FROM {{schema}}.jobs j
+JOIN {{schema}}.jobs d ON d.id = ANY (j.depends_on)
+WHERE j.id = $1 AND d.status = 'completed'
+ORDER BY d.id;
+
+-- name: job_links
+-- Job $1's dependencies (link 'dependency') and its first $2 dependents (link
+-- 'dependent'), each with its type and status.
+SELECT 'dependency' AS link, d.id, d.type, d.status
+FROM {{schema}}.jobs j
+JOIN {{schema}}.jobs d ON d.id = ANY (j.depends_on)
+WHERE j.id = $1
+UNION ALL
+(
+    SELECT 'dependent', d.id, d.type, d.status
+    FROM {{schema}}.job_dependencies e
+    JOIN {{schema}}.jobs d ON d.id = e.dependent_id
+    WHERE e.dependency_id = $1
+    ORDER BY e.dependent_id
+    LIMIT $2
+);
 
 -- ---------------------------------------------------------------------------------
 -- Leader election (on the replica's dedicated connection; see elector.py)
@@ -1039,11 +1117,19 @@ ORDER BY 1;
 
 -- name: prune_finished_jobs
 -- Delete up to $3 jobs of statuses $1 that finished more than $2 seconds ago, oldest
--- first, skipping rows someone holds. Returns how many were deleted.
+-- first, skipping rows someone holds, and jobs that a waiting, pending or processing
+-- job depends on (0013's delete trigger keeps those anyway, race-free; this spares it
+-- the work). Returns how many were deleted.
 WITH doomed AS (
-    SELECT id FROM {{schema}}.jobs
-    WHERE status = ANY($1::text[]) AND finished_at < now() - make_interval(secs => $2)
-    ORDER BY finished_at
+    SELECT j.id FROM {{schema}}.jobs j
+    WHERE j.status = ANY($1::text[]) AND j.finished_at < now() - make_interval(secs => $2)
+      AND NOT (j.has_dependents AND EXISTS (
+          SELECT 1
+          FROM {{schema}}.job_dependencies e
+          JOIN {{schema}}.jobs d ON d.id = e.dependent_id
+          WHERE e.dependency_id = j.id AND d.status IN ('waiting', 'pending', 'processing')
+      ))
+    ORDER BY j.finished_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
 ), deleted AS (
@@ -1154,7 +1240,9 @@ LIMIT 1;
 -- name: retry_jobs
 -- Put jobs back to pending, due now: up to $3 jobs of statuses $1 (failed,
 -- cancelled), optionally only of type $2. They keep their error history; an
--- exhausted job gets one more attempt (as retry_job). Returns the ids.
+-- exhausted job gets one more attempt (as retry_job). A job with dependencies waits
+-- again for those not completed (0013's trigger settles it: waiting, pending, or ended
+-- again at once while one of them is failed or cancelled). Returns the ids.
 UPDATE {{schema}}.jobs SET
     status = 'pending',
     run_at = now(),
@@ -1179,7 +1267,8 @@ RETURNING id;
 -- name: retry_job
 -- retry_jobs for job $1 alone, returning its row as written (a leader may claim it
 -- the next moment, so a later read could already show it processing). No row: not
--- found, or not failed or cancelled.
+-- found, or not failed or cancelled. A job with dependencies comes back as written
+-- before 0013's trigger settled it (waiting, pending, or ended again): read it again.
 UPDATE {{schema}}.jobs SET
     status = 'pending',
     run_at = now(),
@@ -1331,6 +1420,7 @@ WITH needed(object, privilege) AS (
            ('schedule_runs', 'DELETE'),
            ('queue_samples', 'SELECT'), ('queue_samples', 'INSERT'),
            ('queue_samples', 'DELETE'),
+           ('job_dependencies', 'SELECT'),
            ('migrations', 'SELECT')
 ), usage AS (
     SELECT has_schema_privilege($1::text, 'USAGE') AS granted

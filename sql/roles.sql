@@ -39,12 +39,17 @@ GRANT SELECT, INSERT, UPDATE ON {{schema}}.job_types TO {{runtime}};
 GRANT SELECT, INSERT, UPDATE ON {{schema}}.schedules TO {{runtime}};
 GRANT SELECT, INSERT, DELETE ON {{schema}}.schedule_runs TO {{runtime}};
 GRANT SELECT, INSERT, DELETE ON {{schema}}.queue_samples TO {{runtime}};
+-- Dependency edges (0013): written by SECURITY DEFINER triggers; the reaper and the
+-- dashboard read them.
+GRANT SELECT ON {{schema}}.job_dependencies TO {{runtime}};
 GRANT SELECT ON {{schema}}.migrations TO {{runtime}};
 GRANT USAGE ON SEQUENCE {{schema}}.jobs_id_seq TO {{runtime}};
 
 -- Producers (your services): enqueue and read jobs back (RETURNING *, get, status
 -- polls). An enqueue reads job_types (is the type's queue open, max_pending?);
--- enqueue_many reserves ids with nextval() first. Cancel and retry need
+-- enqueue_many and enqueue_graph reserve ids with nextval() first. Jobs with
+-- dependencies need nothing more: the triggers that settle them run as the owner of
+-- the schema's tables (0013). Cancel and retry need
 -- GRANT UPDATE ON {{schema}}.jobs as well, if your services should do them.
 GRANT SELECT, INSERT ON {{schema}}.jobs TO {{producer}};
 GRANT SELECT ON {{schema}}.job_types TO {{producer}};

@@ -17,7 +17,7 @@ from dispatcher.cli.output import print_json, say, short, show_job, status_json,
 from dispatcher.core.app import load_app
 from dispatcher.core.config import Settings
 from dispatcher.core.log import configure_logging
-from dispatcher.core.records import options_of
+from dispatcher.core.records import JobStatus, options_of
 from dispatcher.database.migrate import migrate, migrate_at
 from dispatcher.database.roles import RoleNames, roles_sql
 from dispatcher.producers.client import Client
@@ -121,6 +121,11 @@ def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
               f"{json.dumps(job.result)}")  # fmt: skip
     elif job.duplicate:
         print(f"job {job.id} ({job.type}) is already {job.status.value} with that unique key")
+    elif job.status is JobStatus.WAITING:
+        waited = ", ".join(map(str, job.open_dependencies or ()))
+        print(f"enqueued job {job.id} ({job.type}), waiting for jobs {waited}")
+    elif job.status.finished:
+        print(f"enqueued job {job.id} ({job.type}), {job.status.value} at once: {job.last_error}")
     else:
         print(f"enqueued job {job.id} ({job.type}), run_at {when(job.run_at)}")
     return EXIT_OK

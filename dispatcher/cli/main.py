@@ -3,6 +3,7 @@
     dispatcher migrate
     dispatcher run MODULE:APP [--migrate] [--insecure-no-auth]
     dispatcher enqueue TYPE [--payload JSON] [--priority N] [--run-at ISO | --delay S]
+                           [--depends-on ID[,ID...]] [...]
     dispatcher jobs list|show|cancel|retry
     dispatcher pause|resume TYPE, dispatcher types
     dispatcher status
@@ -44,6 +45,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _job_ids(text: str) -> list[int]:
+    """Job ids separated by commas (``--depends-on 3,4``; the flag may repeat)."""
+    try:
+        return [_positive_int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected job ids such as 3,4, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--unique-key", help=option["unique_key"])
     enqueue.add_argument("--cache-ttl", type=float, help=option["cache_ttl"])
     enqueue.add_argument("--concurrency-key", help=option["concurrency_key"])
+    enqueue.add_argument(
+        "--depends-on", type=_job_ids, action="extend", metavar="ID[,ID...]",
+        help=option["depends_on"],
+    )  # fmt: skip
+    enqueue.add_argument(
+        "--on-dependency-failure", choices=["fail", "cancel"], help=option["on_dependency_failure"]
+    )
 
     jobs = commands.add_parser("jobs", help="list, show, cancel or retry jobs")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
@@ -101,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--before-id", type=_positive_int, help="next page: last id shown")
     for action, text in (
         ("show", "one job with its errors"),
-        ("cancel", "cancel a pending or running job"),
+        ("cancel", "cancel a waiting, pending or running job"),
     ):
         one = jobs_commands.add_parser(action, parents=[as_json], help=text)
         one.add_argument("id", type=_positive_int)

@@ -22,11 +22,18 @@ SMALLINT_MIN, SMALLINT_MAX = -32768, 32767
 # The most attempts a job may have (the CHECK constraints of migration 0005 say so too:
 # a claim adds one, and must never overflow).
 MAX_ATTEMPTS = 10_000
+# The most dependencies a job may have (migration 0013's insert trigger says so too),
+# and the largest job id.
+MAX_DEPENDENCIES = 10_000
+BIGINT_MAX = 2**63 - 1
+DEPENDENCY_FAILURE_OUTCOMES = ("fail", "cancel")
 
 
 class JobStatus(enum.StrEnum):
-    """The life of a job: pending → processing → completed | failed | cancelled."""
+    """The life of a job: pending → processing → completed | failed | cancelled; a job
+    with dependencies is waiting (never claimed) until they all completed."""
 
+    WAITING = "waiting"
     PENDING = "pending"
     PROCESSING = "processing"
     COMPLETED = "completed"
@@ -99,9 +106,11 @@ class NewJob:
     unique_key: str | None
     cache_ttl: float | None = None
     concurrency_key: str | None = None
+    depends_on: tuple[int, ...] | None = None
+    on_dependency_failure: str | None = None
 
     def insert_args(self) -> tuple[Any, ...]:
-        """Values for $1..$9 of insert_job / insert_job_unique."""
+        """Values for $1..$11 of insert_job / insert_job_unique."""
         return (
             self.type,
             self.payload_json,
@@ -112,6 +121,8 @@ class NewJob:
             self.timeout,
             self.unique_key,
             self.concurrency_key,
+            None if self.depends_on is None else list(self.depends_on),
+            self.on_dependency_failure,
         )
 
 
@@ -127,6 +138,8 @@ class EnqueueOptions(TypedDict, total=False):
     unique_key: str | None
     cache_ttl: float | None
     concurrency_key: str | None
+    depends_on: Sequence[int] | None
+    on_dependency_failure: str | None
 
 
 class BulkOptions(TypedDict, total=False):
@@ -153,6 +166,11 @@ ENQUEUE_OPTION_HELP: dict[str, str] = {
     "them is returned (cached, with its result) instead of running it again",
     "concurrency_key": "jobs of the type with the same key run at most key_concurrency at "
     "once (the executor's), in priority, run_at, id order (e.g. a customer id)",
+    "depends_on": "ids of jobs to wait for: it runs once all of them completed (it is "
+    "'waiting' until then), and ends when one of them fails or is cancelled; not with a "
+    "unique_key",
+    "on_dependency_failure": "what it becomes when a dependency fails or is cancelled: "
+    "'fail' (default) or 'cancel'",
 }
 
 
@@ -181,6 +199,8 @@ def new_job_values(type: str, payload: Any = None, **options: Unpack[EnqueueOpti
     unique_key = options.get("unique_key")
     cache_ttl = options.get("cache_ttl")
     concurrency_key = options.get("concurrency_key")
+    depends_on = dependency_ids(options.get("depends_on"))
+    on_dependency_failure = options.get("on_dependency_failure")
     if not isinstance(type, str) or not type.strip():
         raise InvalidJob("type must be a non-empty string")
     if len(type) > MAX_TYPE_LENGTH:
@@ -223,6 +243,11 @@ def new_job_values(type: str, payload: Any = None, **options: Unpack[EnqueueOpti
             raise InvalidJob(f"cache_ttl must be a positive number of seconds, got {cache_ttl}")
         if unique_key is None:
             raise InvalidJob("cache_ttl needs a unique_key: the cache is looked up by it")
+    if depends_on is not None and unique_key is not None:
+        raise InvalidJob(
+            "depends_on and unique_key do not combine: a waiting job holds no unique key"
+        )
+    check_dependency_failure(on_dependency_failure, has_dependencies=depends_on is not None)
     absolute: dt.datetime | None = None
     relative: dt.timedelta | None = None
     if isinstance(run_at, dt.datetime):
@@ -244,7 +269,35 @@ def new_job_values(type: str, payload: Any = None, **options: Unpack[EnqueueOpti
         unique_key=unique_key,
         cache_ttl=None if cache_ttl is None else float(cache_ttl),
         concurrency_key=concurrency_key,
+        depends_on=depends_on,
+        on_dependency_failure=on_dependency_failure,
     )
+
+
+def check_dependency_failure(value: Any, *, has_dependencies: bool) -> None:
+    """InvalidJob unless ``value`` is a valid on_dependency_failure (None included)."""
+    if value is None:
+        return
+    if value not in DEPENDENCY_FAILURE_OUTCOMES:
+        raise InvalidJob(f"on_dependency_failure must be 'fail' or 'cancel', got {value!r}")
+    if not has_dependencies:
+        raise InvalidJob("on_dependency_failure needs depends_on")
+
+
+def dependency_ids(depends_on: Any) -> tuple[int, ...] | None:
+    """``depends_on`` as distinct job ids in their order (None: no dependencies), or
+    InvalidJob saying what is wrong with it."""
+    if depends_on is None:
+        return None
+    if isinstance(depends_on, str | bytes) or not isinstance(depends_on, Sequence):
+        raise InvalidJob(f"depends_on must be a list of job ids, got {depends_on!r}")
+    for job_id in depends_on:
+        if isinstance(job_id, bool) or not isinstance(job_id, int) or not 1 <= job_id <= BIGINT_MAX:
+            raise InvalidJob(f"depends_on must hold job ids (positive integers), got {job_id!r}")
+    ids = tuple(dict.fromkeys(depends_on))
+    if len(ids) > MAX_DEPENDENCIES:
+        raise InvalidJob(f"depends_on may name at most {MAX_DEPENDENCIES} jobs, got {len(ids)}")
+    return ids or None
 
 
 @dataclass(frozen=True)
@@ -273,6 +326,11 @@ class JobRecord:
     errors: list[dict[str, Any]] = field(default_factory=list)
     cancel_requested: bool = False
     concurrency_key: str | None = None
+    # The jobs it waits for (None: none), and what it becomes if one fails.
+    depends_on: list[int] | None = None
+    on_dependency_failure: str | None = None
+    # Those of depends_on that have not completed (read by get, None elsewhere).
+    open_dependencies: list[int] | None = None
     # Set by enqueue when an active job with the same unique_key already existed and
     # was returned instead of a new one.
     duplicate: bool = False
@@ -306,6 +364,9 @@ class JobRecord:
             errors=decode_json(row["errors"]),
             cancel_requested=row["cancel_requested"],
             concurrency_key=row["concurrency_key"],
+            depends_on=_list_or_none(row["depends_on"]),
+            on_dependency_failure=row["on_dependency_failure"],
+            open_dependencies=_list_or_none(row.get("open_dependencies")),
             duplicate=bool(row.get("duplicate", False)),
             cached=bool(row.get("cached", False)),
         )
@@ -321,3 +382,7 @@ class JobRecord:
                 value = value.value
             out[name] = value
         return out
+
+
+def _list_or_none(value: Any) -> list[int] | None:
+    return None if value is None else list(value)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from fastapi.responses import JSONResponse
@@ -18,6 +18,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, Strict
 from dispatcher.core.errors import InvalidJob
 from dispatcher.core.records import (
     MAX_ATTEMPTS,
+    MAX_DEPENDENCIES,
     MAX_TYPE_LENGTH,
     JobRecord,
     JobStatus,
@@ -66,6 +67,15 @@ class EnqueueRequest(BaseModel):
         le=365 * 86400,
         description="seconds: return a job of this type and unique_key that completed "
         "within them (200, with its result) instead of running it again",
+    )
+    depends_on: list[Annotated[StrictInt, Field(ge=1, le=BIGINT_MAX)]] | None = Field(
+        None,
+        max_length=MAX_DEPENDENCIES,
+        description="ids of jobs to wait for: it runs once all of them completed "
+        "(status waiting until then) and ends when one of them fails or is cancelled",
+    )
+    on_dependency_failure: Literal["fail", "cancel"] | None = Field(
+        None, description="what it becomes when a dependency fails or is cancelled"
     )
 
 

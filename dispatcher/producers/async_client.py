@@ -7,7 +7,7 @@ or rolls back with your business write.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar, Unpack
 
@@ -16,6 +16,7 @@ import asyncpg
 from dispatcher.core.queries import queries_for
 from dispatcher.core.records import BulkOptions, EnqueueOptions, JobRecord, new_job_values
 from dispatcher.core.schema import DEFAULT_SCHEMA, validate_schema_name
+from dispatcher.producers.graphs import enqueue_graph_plan, prepare_graph
 from dispatcher.producers.plans import (
     COPY_COLUMNS,
     LEAN_COPY_COLUMNS,
@@ -33,6 +34,7 @@ from dispatcher.producers.plans import (
     job_types_plan,
     list_jobs_plan,
     prepare_bulk,
+    refused_job,
     retry_many_plan,
     retry_plan,
     set_paused_plan,
@@ -119,7 +121,13 @@ class AsyncClient:
                 records=step.rows,
             )
             return []
-        rows: Sequence[Row] = await conn.fetch(self._queries[step.query], *step.args)
+        try:
+            rows: Sequence[Row] = await conn.fetch(self._queries[step.query], *step.args)
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            refusal = refused_job(exc.constraint_name, exc.message)
+            if refusal is None:
+                raise
+            raise refusal from exc
         return rows
 
     async def enqueue(
@@ -146,6 +154,18 @@ class AsyncClient:
         See :meth:`dispatcher.Client.enqueue_many`.
         """
         return await self._run(conn, enqueue_many_plan(prepare_bulk(type, payloads, **options)))
+
+    async def enqueue_graph(
+        self,
+        nodes: Mapping[str, Mapping[str, Any]],
+        *,
+        conn: asyncpg.Connection | None = None,
+    ) -> dict[str, int]:
+        """Insert a small graph of jobs in one statement; return {node name: job id}.
+
+        See :meth:`dispatcher.Client.enqueue_graph`.
+        """
+        return await self._run(conn, enqueue_graph_plan(prepare_graph(nodes)))
 
     async def get(self, job_id: int, *, conn: asyncpg.Connection | None = None) -> JobRecord:
         """The job's current row; JobNotFound if there is none."""

@@ -7,7 +7,7 @@ write. Without one, the client borrows a pooled connection in autocommit mode.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar, Unpack
 
@@ -18,6 +18,7 @@ from psycopg_pool import ConnectionPool
 from dispatcher.core.queries import for_psycopg, psycopg_params, queries_for
 from dispatcher.core.records import BulkOptions, EnqueueOptions, JobRecord, new_job_values
 from dispatcher.core.schema import DEFAULT_SCHEMA, validate_schema_name
+from dispatcher.producers.graphs import enqueue_graph_plan, prepare_graph
 from dispatcher.producers.plans import (
     ClusterStatus,
     CopyRows,
@@ -33,6 +34,7 @@ from dispatcher.producers.plans import (
     job_types_plan,
     list_jobs_plan,
     prepare_bulk,
+    refused_job,
     retry_many_plan,
     retry_plan,
     set_paused_plan,
@@ -128,11 +130,17 @@ class Client:
                     copy.write_row(row)
             return []
         with conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(
-                for_psycopg(self._queries[step.query]),
-                psycopg_params(step.args),
-                prepare=self._prepare,
-            )
+            try:
+                cur.execute(
+                    for_psycopg(self._queries[step.query]),
+                    psycopg_params(step.args),
+                    prepare=self._prepare,
+                )
+            except psycopg.errors.IntegrityError as exc:
+                refusal = refused_job(exc.diag.constraint_name, exc.diag.message_primary or "")
+                if refusal is None:
+                    raise
+                raise refusal from exc
             return cur.fetchall()
 
     def enqueue(
@@ -151,8 +159,11 @@ class Client:
         pending or processing job of the type has that key, that job is returned with
         ``duplicate=True`` and nothing is inserted; race-free), ``cache_ttl`` (seconds;
         needs ``unique_key``: a job of the type with that key that completed within the
-        TTL is returned instead, ``cached=True`` with its result). Raises QueueFull when
-        the type has a ``max_pending`` and its queue is full.
+        TTL is returned instead, ``cached=True`` with its result), ``depends_on`` (ids
+        of jobs to wait for: the job is ``waiting`` until all of them completed, and
+        ends failed, or cancelled with ``on_dependency_failure="cancel"``, when one of
+        them fails or is cancelled; InvalidJob if one does not exist). Raises QueueFull
+        when the type has a ``max_pending`` and its queue is full.
         """
         return self._run(conn, enqueue_plan(new_job_values(type, payload, **options)))
 
@@ -172,6 +183,20 @@ class Client:
         job's id is returned in their place.
         """
         return self._run(conn, enqueue_many_plan(prepare_bulk(type, payloads, **options)))
+
+    def enqueue_graph(
+        self, nodes: Mapping[str, Mapping[str, Any]], *, conn: Connection | None = None
+    ) -> dict[str, int]:
+        """Insert a small graph of jobs in one statement; return {node name: job id}.
+
+        ``nodes`` maps names to jobs: ``type``, ``payload``, ``depends_on`` (names of
+        other nodes and ids of existing jobs) and any enqueue option but
+        ``unique_key`` and ``cache_ttl``, e.g. ``{"fetch": {"type": "image.fetch"},
+        "resize": {"type": "image.resize", "depends_on": ["fetch"]}}``. All of them or
+        none are inserted; a cycle or an unknown name raises InvalidJob first. See
+        :mod:`dispatcher.producers.graphs`.
+        """
+        return self._run(conn, enqueue_graph_plan(prepare_graph(nodes)))
 
     def get(self, job_id: int, *, conn: Connection | None = None) -> JobRecord:
         """The job's current row; JobNotFound if there is none."""

@@ -152,6 +152,10 @@ def enqueue_plan(job: NewJob) -> Plan[JobRecord]:
         rows = yield Run("insert_job", job.insert_args())
         if not rows:
             raise (yield from _queue_full(job.type))
+        if job.depends_on is not None:
+            # A trigger settled the row after it was returned: waiting, pending, or
+            # ended at once (a dependency failed).
+            rows = yield Run("get_job", (rows[0]["id"],))
         return JobRecord.from_row(rows[0])
     if job.cache_ttl is not None:
         cached = yield Run("cached_job", (job.type, job.unique_key, job.cache_ttl))
@@ -163,7 +167,7 @@ def enqueue_plan(job: NewJob) -> Plan[JobRecord]:
             return JobRecord.from_row(rows[0])
         full = yield Run("queue_full", (job.type,))
         if full:
-            raise _queue_full_error(job.type, full[0])
+            raise queue_full_error(job.type, full[0])
     raise _unique_retry_exhausted(job.type, job.unique_key)
 
 
@@ -176,10 +180,10 @@ def _queue_full(type: str) -> Plan[DispatcherError]:
     rows = yield Run("queue_full", (type,))
     if not rows:  # reopened between our insert and our look
         return DispatcherError(f"the {type!r} queue refused the job; try again")
-    return _queue_full_error(type, rows[0])
+    return queue_full_error(type, rows[0])
 
 
-def _queue_full_error(type: str, row: Row) -> QueueFull:
+def queue_full_error(type: str, row: Row) -> QueueFull:
     return QueueFull(
         f"the {type!r} queue is full: about {row['pending']} jobs pending, max_pending "
         f"{row['max_pending']}; try again in a few seconds",
@@ -195,7 +199,7 @@ def enqueue_many_plan(bulk: BulkJobs) -> Plan[list[int]]:
             yield Run("reserve_job_ids", (len(bulk.payloads), bulk.run_at, bulk.run_in, bulk.type))
         )[0]
         if reserved["max_pending"] is not None:
-            raise _queue_full_error(bulk.type, reserved)
+            raise queue_full_error(bulk.type, reserved)
         ids: list[int] = list(reserved["ids"])
         if bulk.is_lean:
             # Fewer columns to format and parse: the defaults are the database's.
@@ -209,7 +213,7 @@ def enqueue_many_plan(bulk: BulkJobs) -> Plan[list[int]]:
         return ids
     full = yield Run("queue_full", (bulk.type,))
     if full:
-        raise _queue_full_error(bulk.type, full[0])
+        raise queue_full_error(bulk.type, full[0])
     keys = bulk.unique_keys
     n = len(keys)
     arrays = (
@@ -244,11 +248,14 @@ def cancel_plan(job_id: int) -> Plan[JobRecord]:
     if rows:
         return JobRecord.from_row(rows[0])
     job = _record_or_not_found((yield Run("get_job", (job_id,))), job_id)
-    raise _transition_refused(job, "cancel", "pending or processing")
+    raise _transition_refused(job, "cancel", "waiting, pending or processing")
 
 
 def retry_plan(job_id: int) -> Plan[JobRecord]:
     rows = yield Run("retry_job", (job_id,))
+    if rows and rows[0]["depends_on"]:
+        # Settled by a trigger after the row was returned (see retry_job).
+        rows = yield Run("get_job", (job_id,))
     if rows:
         return JobRecord.from_row(rows[0])
     job = _record_or_not_found((yield Run("get_job", (job_id,))), job_id)
@@ -363,6 +370,18 @@ def cluster_status_plan(alive_within: float) -> Plan[ClusterStatus]:
 
 
 # --- messages ---------------------------------------------------------------------
+
+# What migration 0013's triggers refuse of a job's dependencies (the constraint names
+# they raise with): unknown ids, or ids not lower than the job's own.
+DEPENDENCY_REFUSALS = frozenset(
+    {"depends_on_must_name_existing_jobs", "depends_on_must_name_earlier_jobs"}
+)
+
+
+def refused_job(constraint: str | None, message: str) -> InvalidJob | None:
+    """The InvalidJob a client raises for a database error with ``constraint`` (a job
+    the database refused for its dependencies), or None: not ours to translate."""
+    return InvalidJob(message) if constraint in DEPENDENCY_REFUSALS else None
 
 
 def _unique_retry_exhausted(type: str, unique_key: str) -> DispatcherError:

@@ -50,7 +50,7 @@ from dispatcher.services.claim_cursors import ClaimCursors
 from dispatcher.services.claiming import ClaimMode, ClaimRequest
 from dispatcher.services.completer import Written, outcome_arguments
 from dispatcher.services.executor import Attempt, CancelReason, Outcome, run_attempt
-from dispatcher.services.job import Job
+from dispatcher.services.job import DependencyReader, Job
 from dispatcher.services.slots import Slots
 from dispatcher.services.wakeup import Wakeup
 
@@ -93,6 +93,7 @@ class Dispatcher:
         on_progress: Callable[[Job], None] | None = None,
         start_within: float = math.inf,
         session: SessionState | None = None,
+        dependencies: DependencyReader | None = None,
     ) -> None:
         self.app = app
         self.owner_id = owner_id
@@ -112,6 +113,7 @@ class Dispatcher:
         )
         self._claim_timeout = claim_timeout
         self._on_progress = on_progress
+        self._dependencies = dependencies  # what each Job reads its dependencies' results with
         # An attempt not started this long after its claim may have been rescued.
         self._start_within = start_within
         self._session = session
@@ -492,6 +494,7 @@ class Dispatcher:
             row["timeout"],
             self._on_progress,
             threaded=not spec.is_async,
+            dependencies=self._dependencies,
         )
         attempt = Attempt(job, spec, start_by)
         if row["cancel_requested"]:

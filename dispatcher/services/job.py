@@ -3,7 +3,8 @@
 ``payload`` is decoded on first use (a no-op executor never pays for it). ``progress``
 records the latest value and returns at once; a background flush writes it to the
 row a few times a second at most, so a flood of calls costs almost nothing. It works
-with or without ``await``, from async and sync executors alike.
+with or without ``await``, from async and sync executors alike. The results of the
+jobs it depended on are read when asked (``dependency_results``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,20 @@ import json
 import math
 import threading
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import Any, Protocol
 
 from dispatcher.core.log import Logger, get_logger
 
 MAX_PROGRESS_MESSAGE = 1000
+
+
+class DependencyReader(Protocol):
+    """Reads the results of a job's dependencies
+    (:class:`~dispatcher.services.dependencies.DependencyResults`)."""
+
+    async def read(self, job_id: int) -> dict[int, Any]: ...
+
+    def read_blocking(self, job_id: int) -> dict[int, Any]: ...
 
 
 class _Done:
@@ -51,6 +61,7 @@ class Job:
     __slots__ = (
         "_cancel_event",
         "_cancelled",
+        "_dependencies",
         "_log",
         "_on_progress",
         "_payload",
@@ -73,6 +84,7 @@ class Job:
         timeout: float | None,
         on_progress: Callable[[Job], None] | None = None,
         threaded: bool = False,
+        dependencies: DependencyReader | None = None,
     ) -> None:
         self.id = id
         self.type = type
@@ -83,6 +95,7 @@ class Job:
         self._payload: Any = _UNSET
         self._log: Logger | None = None
         self._on_progress = on_progress
+        self._dependencies = dependencies
         self._cancelled = False
         # A sync executor reads the event from its thread: create it up front so the
         # loop's mark_cancelled() can never miss one created concurrently.
@@ -119,6 +132,24 @@ class Job:
         if self._on_progress is not None:
             self._on_progress(self)
         return _DONE
+
+    # --- dependencies ------------------------------------------------------------------
+
+    async def dependency_results(self) -> dict[int, Any]:
+        """The results of the jobs this one depended on (``depends_on``), as
+        {job id: result}; all of them completed before this job could start. Empty for a
+        job without dependencies. One query per call. In a plain def executor, use
+        :meth:`dependency_results_sync`."""
+        return await self._reader().read(self.id)
+
+    def dependency_results_sync(self) -> dict[int, Any]:
+        """:meth:`dependency_results` for a plain def executor (from its thread)."""
+        return self._reader().read_blocking(self.id)
+
+    def _reader(self) -> DependencyReader:
+        if self._dependencies is None:
+            raise RuntimeError(f"job {self.id} was built without a database to read from")
+        return self._dependencies
 
     # --- cancellation ------------------------------------------------------------------
 

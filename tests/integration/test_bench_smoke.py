@@ -22,6 +22,7 @@ TINY = {
     "heartbeat_hot": ["--jobs", "50", "--beats", "3"],
     "dashboard": ["--finished", "3000", "--pending", "300", "--repeats", "2"],
     "keyed_claim": ["--pending", "2000", "--keys", "5", "--claims", "5"],
+    "dependencies": ["--branches", "20", "--rounds", "1"],
     "steady": ["--rates", "100", "--slots", "4", "--phase-seconds", "2", "--restart-after", "1"],
 }
 

@@ -13,13 +13,13 @@ from dispatcher.core.app import App
 from dispatcher.database.migrate import migrate
 from dispatcher.services.job import Job
 from tests.support.database import PostgresServer, TestDatabase
-from tests.support.hostile_rows import REFUSED_ROWS
+from tests.support.hostile_rows import REFUSED_DEPENDENCY_ROWS, REFUSED_ROWS
 from tests.support.runtimes import FAST_SETTINGS, StartRuntime
 from tests.support.waiting import eventually
 
 STALE_AFTER = float(FAST_SETTINGS["stale_after"])
 
-HOSTILE = REFUSED_ROWS
+HOSTILE = REFUSED_ROWS + REFUSED_DEPENDENCY_ROWS
 
 
 @pytest.mark.parametrize(("what", "columns", "values", "constraint"), HOSTILE)
@@ -63,7 +63,7 @@ async def test_an_upgrade_fails_the_rows_that_can_never_run_and_keeps_the_rest(
             "2147483647, jsonb_build_object('blob', repeat('x', 2 * 1024 * 1024))) RETURNING id"
         )
         hostile = {}
-        for what, columns, values, _ in HOSTILE:
+        for what, columns, values, _ in REFUSED_ROWS:
             hostile[what] = await conn.fetchval(
                 f"INSERT INTO {jobs} ({columns}) VALUES ({values}) RETURNING id"
             )

@@ -41,6 +41,8 @@ async def test_migrate_on_an_empty_database_then_rerun_is_a_noop(
             "schedules",
             "schedule_runs",
             "queue_samples",
+            "job_dependencies",
+            "waiting_jobs",
         }
         await check_schema_current(conn, unmigrated_schema)
 

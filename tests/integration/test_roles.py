@@ -55,6 +55,7 @@ def role_app(ran: list[int]) -> App:
     # schedules and schedule_runs.
     @app.executor("r.work", max_pending=1000)
     async def work(job: Job) -> None:
+        await job.dependency_results()  # jobs with dependencies (0013) read them
         ran.append(job.id)
 
     @app.periodic("* * * * * *", type="r.tick", name="tick", backfill=2)
@@ -89,13 +90,30 @@ async def test_the_printed_roles_run_a_replica_both_producers_and_a_reader(
         with Client(producer_dsn, schema=db.schema) as client:
             sync_ids = [client.enqueue("r.work", {"n": n}).id for n in range(5)]
             sync_ids += client.enqueue_many("r.work", [{"n": n} for n in range(5)])
+            # Dependencies: settled by SECURITY DEFINER triggers, nothing more to grant.
+            graph = client.enqueue_graph(
+                {"a": {"type": "r.work"}, "b": {"type": "r.work", "depends_on": ["a"]}}
+            )
+            sync_ids += [*graph.values(), client.enqueue("r.work", depends_on=[graph["b"]]).id]
             assert client.get(sync_ids[0]).type == "r.work"
+            # ... which only triggers may call: with the owner's rights, a forged row
+            # would change any job.
+            with (
+                psycopg.connect(producer_dsn) as forger,
+                pytest.raises(psycopg.errors.InsufficientPrivilege, match="settle_dependencies"),
+            ):
+                forger.execute(
+                    f'SELECT "{db.schema}".settle_dependencies(j, true) '
+                    f'FROM "{db.schema}".jobs j LIMIT 1'
+                )
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="table jobs"):
                 client.cancel(sync_ids[0])
         producer = await AsyncClient.connect(producer_dsn, schema=db.schema)
         try:
             async_ids = [(await producer.enqueue("r.work", {"n": n})).id for n in range(5)]
             async_ids += await producer.enqueue_many("r.work", [{"n": n} for n in range(5)])
+            first = await producer.enqueue("r.work")
+            async_ids += [first.id, (await producer.enqueue("r.work", depends_on=[first.id])).id]
             assert (await producer.get(async_ids[0])).type == "r.work"
         finally:
             await producer.close()

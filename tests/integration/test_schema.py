@@ -51,7 +51,7 @@ async def test_a_plain_sql_insert_gets_every_default(db: TestDatabase) -> None:
         ("type", "''", "type_must_not_be_empty"),
         ("type", "'   '", "type_must_not_be_empty"),
         ("type, max_attempts", "'t', 0", "max_attempts_must_be_at_least_1"),
-        ("type, status", "'t', 'running'", "status_must_be_pending_processing_completed_failed"),
+        ("type, status", "'t', 'running'", "status_must_be_a_known_job_status"),
         ("type, timeout", "'t', -5", "timeout_must_be_positive_seconds"),
         ("type, timeout", "'t', 'NaN'", "timeout_must_be_positive_seconds"),
         ("type, attempts", "'t', -1", "attempts_must_not_be_negative"),

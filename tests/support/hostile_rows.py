@@ -1,6 +1,6 @@
 """Rows other services could insert with plain SQL that can never run, each with the
-named constraint that refuses it (migration 0005). Used by the integration and chaos
-tests of hostile input."""
+named constraint that refuses it (migrations 0005 and 0013). Used by the integration and
+chaos tests of hostile input."""
 
 from __future__ import annotations
 
@@ -23,4 +23,25 @@ REFUSED_ROWS = [
     ("a payload of 2 MB (loaded into claim batches)", "type, payload",
      "'h.ok', jsonb_build_object('blob', repeat('x', 2 * 1024 * 1024))",
      "payload_must_fit_max_payload_bytes"),
+]  # fmt: skip
+
+# The same for rows with dependencies (migration 0013; the columns exist from there).
+REFUSED_DEPENDENCY_ROWS = [
+    ("waiting with nothing to wait for (never made pending)", "type, status",
+     "'h.ok', 'waiting'", "waiting_jobs_must_have_dependencies"),
+    ("waiting with no attempt left (its release would fail)", "type, status, depends_on, attempts",
+     "'h.ok', 'waiting', '{1}', 10000", "waiting_jobs_must_be_able_to_run"),
+    ("a NULL dependency", "type, depends_on", "'h.ok', '{NULL}'",
+     "depends_on_must_be_a_list_of_at_most_10000_job_ids"),
+    ("dependencies as a matrix", "type, depends_on", "'h.ok', '{{1},{2}}'",
+     "depends_on_must_be_a_list_of_at_most_10000_job_ids"),
+    ("dependencies and a unique key (a waiting job holds none)", "type, depends_on, unique_key",
+     "'h.ok', '{1}', 'k'", "jobs_with_dependencies_cannot_have_a_unique_key"),
+    ("an unknown on_dependency_failure", "type, depends_on, on_dependency_failure",
+     "'h.ok', '{1}', 'ignore'", "on_dependency_failure_must_be_fail_or_cancel"),
+    ("inserted processing with dependencies", "type, status, owner, heartbeat_at, depends_on",
+     "'h.ok', 'processing', 'ghost', now(), '{1}'",
+     "jobs_with_dependencies_start_pending_or_waiting"),
+    ("10,001 dependencies", "type, depends_on", "'h.ok', array_fill(1::bigint, ARRAY[10001])",
+     "depends_on_must_be_a_list_of_at_most_10000_job_ids"),
 ]  # fmt: skip

@@ -23,6 +23,8 @@ from dispatcher.http.ui.rendering import render
 
 BIGINT_MAX = 2**63 - 1
 PAGE_SIZE = 50
+# Dependents listed on a job's page (a fan-out may have thousands).
+DEPENDENTS_SHOWN = 50
 STATUSES = [s.value for s in JobStatus]
 
 router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
@@ -250,6 +252,8 @@ async def job_detail(
             title="Not found",
             message=f"no job with id {job_id}",
         )
+    links = await ui.reads().job_links(job.id, dependents=DEPENDENTS_SHOWN)
+    known = {link.id for link in links.dependencies}
     return _page(
         request,
         viewer,
@@ -259,6 +263,11 @@ async def job_detail(
         job=job,
         events=timeline(job),
         progress=_progress(job),
+        dependencies=links.dependencies,
+        # Dependencies deleted since (after their retention, once this job finished).
+        deleted_dependencies=[i for i in job.depends_on or () if i not in known],
+        dependents=links.dependents,
+        more_dependents=len(links.dependents) >= DEPENDENTS_SHOWN,
     )
 
 

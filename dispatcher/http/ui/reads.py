@@ -32,6 +32,23 @@ class FinishedCounts:
     failed: int
 
 
+@dataclass(frozen=True)
+class JobLink:
+    """A job at the other end of a dependency: its id, type and status."""
+
+    id: int
+    type: str
+    status: str
+
+
+@dataclass(frozen=True)
+class JobLinks:
+    """A job's dependencies (those that still exist) and its first dependents."""
+
+    dependencies: list[JobLink]
+    dependents: list[JobLink]
+
+
 class DashboardReads:
     """The dashboard's own queries, on the replica's pool."""
 
@@ -64,6 +81,14 @@ class DashboardReads:
         them), without the cluster status's queue count."""
         rows = await self._pool.fetch(self._queries["list_schedules"])
         return [dict(row) for row in rows]
+
+    async def job_links(self, job_id: int, *, dependents: int) -> JobLinks:
+        """Job ``job_id``'s dependencies and its first ``dependents`` dependents."""
+        rows = await self._pool.fetch(self._queries["job_links"], job_id, dependents)
+        links: dict[str, list[JobLink]] = {"dependency": [], "dependent": []}
+        for row in rows:
+            links[row["link"]].append(JobLink(row["id"], row["type"], row["status"]))
+        return JobLinks(links["dependency"], links["dependent"])
 
     async def jobs_by_unique_key(
         self,
