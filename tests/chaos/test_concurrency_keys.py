@@ -12,12 +12,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from tests.support.chaos_app import ATTEMPTS_LOG
 from tests.support.database import TestDatabase
-from tests.support.processes import ReplicaProcess
+from tests.support.processes import ReplicaProcess, leader_name
 from tests.support.runtimes import fast_env
 from tests.support.waiting import eventually
 
@@ -25,11 +24,6 @@ pytestmark = pytest.mark.chaos
 
 JOBS = 2000
 KEYS = 20
-
-
-async def leader_name(conn: asyncpg.Connection, schema: str) -> str | None:
-    holder = await conn.fetchval(f'SELECT holder FROM "{schema}".leader WHERE lease_until > now()')
-    return holder.split("-")[0] if holder else None
 
 
 async def test_one_run_per_key_at_every_instant_through_a_leader_kill(

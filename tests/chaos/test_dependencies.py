@@ -14,23 +14,17 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from dispatcher import AsyncClient
 from tests.support.database import TestDatabase
-from tests.support.processes import ReplicaProcess
+from tests.support.processes import ReplicaProcess, leader_name
 from tests.support.runtimes import fast_env
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.chaos
 
 BRANCHES = 400
-
-
-async def leader_name(conn: asyncpg.Connection, schema: str) -> str | None:
-    holder = await conn.fetchval(f'SELECT holder FROM "{schema}".leader WHERE lease_until > now()')
-    return holder.split("-")[0] if holder else None
 
 
 async def test_a_graph_completes_in_order_through_a_leader_kill(

@@ -11,7 +11,7 @@ import pytest
 
 from tests.chaos.conftest import StartChaosReplicas
 from tests.support.database import TestDatabase
-from tests.support.processes import ReplicaProcess
+from tests.support.processes import ReplicaProcess, leader_name
 from tests.support.runtimes import fast_env
 from tests.support.waiting import eventually
 
@@ -22,11 +22,6 @@ FAST_ENV = {
     "CHAOS_CONCURRENCY": "300",
     "CHAOS_TYPE_LIMIT": "300",
 }
-
-
-async def leader_name(conn: asyncpg.Connection, schema: str) -> str | None:
-    holder = await conn.fetchval(f'SELECT holder FROM "{schema}".leader WHERE lease_until > now()')
-    return holder.split("-")[0] if holder else None
 
 
 async def test_leader_killed_with_200_jobs_in_flight_loses_none(

@@ -17,7 +17,7 @@ from dispatcher.services.draining import EXIT_THREADS_UNSTOPPABLE, HAND_BACK_DEL
 from tests.chaos.conftest import StartChaosReplicas
 from tests.support.attempt_log import create_attempts_log, fetch_runs, overlapping_runs
 from tests.support.database import TestDatabase
-from tests.support.processes import ReplicaProcess
+from tests.support.processes import ReplicaProcess, leader_name
 from tests.support.runtimes import FAST_SETTINGS, fast_env
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -26,11 +26,6 @@ pytestmark = pytest.mark.chaos
 
 SHUTDOWN_TIMEOUT = 1.0
 STALE_AFTER = float(FAST_SETTINGS["stale_after"])
-
-
-async def leader_name(conn: asyncpg.Connection, schema: str) -> str | None:
-    holder = await conn.fetchval(f'SELECT holder FROM "{schema}".leader WHERE lease_until > now()')
-    return holder.split("-")[0] if holder else None
 
 
 async def exited(replica: ReplicaProcess, timeout: float) -> tuple[int, float]:

@@ -13,8 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+
+async def leader_name(conn: asyncpg.Connection, schema: str) -> str | None:
+    """The replica name (DISPATCHER_REPLICA_ID) of the leader whose lease is current
+    on the database clock, if one is."""
+    holder = await conn.fetchval(f'SELECT holder FROM "{schema}".leader WHERE lease_until > now()')
+    return holder.split("-")[0] if holder else None
 
 
 def free_port() -> int:
