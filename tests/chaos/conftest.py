@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 
 from tests.support.chaos_app import ATTEMPTS_LOG
 from tests.support.database import TestDatabase
-from tests.support.processes import ReplicaProcess
+from tests.support.processes import ReplicaProcess, start_replicas
 
 StartChaosReplicas = Callable[[TestDatabase, dict[str, str]], Awaitable[None]]
 
@@ -36,13 +35,8 @@ def start_chaos_replicas(replicas: list[ReplicaProcess], tmp_path: Path) -> Star
         finally:
             await conn.close()
         env = {**env, "DISPATCHER_DSN": db.dsn, "DISPATCHER_SCHEMA": db.schema}
-        for name in ("r0", "r1"):
-            replicas.append(
-                ReplicaProcess(
-                    "tests.support.chaos_app:app", name=name, env=env, log_path=tmp_path / name
-                )
-            )
-        for replica in replicas:
-            await asyncio.to_thread(replica.wait_healthy)
+        await start_replicas(
+            "tests.support.chaos_app:app", ("r0", "r1"), env=env, log_dir=tmp_path, into=replicas
+        )
 
     return start

@@ -5,7 +5,6 @@ every instant, every job completed, and each key's jobs started in id order."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import signal
 import time
@@ -16,7 +15,7 @@ import pytest
 
 from tests.support.chaos_app import ATTEMPTS_LOG
 from tests.support.database import TestDatabase
-from tests.support.processes import ReplicaProcess, leader_name
+from tests.support.processes import ReplicaProcess, leader_name, start_replicas
 from tests.support.runtimes import fast_env
 from tests.support.waiting import eventually
 
@@ -33,14 +32,13 @@ async def test_one_run_per_key_at_every_instant_through_a_leader_kill(
     try:
         await conn.execute(ATTEMPTS_LOG.format(schema=f'"{db.schema}"'))
         env = {**fast_env(lease="3"), "DISPATCHER_DSN": db.dsn, "DISPATCHER_SCHEMA": db.schema}
-        for name in ("r0", "r1", "r2"):
-            replicas.append(
-                ReplicaProcess(
-                    "tests.support.chaos_app:app", name=name, env=env, log_path=tmp_path / name
-                )
-            )
-        for replica in replicas:
-            await asyncio.to_thread(replica.wait_healthy)
+        await start_replicas(
+            "tests.support.chaos_app:app",
+            ("r0", "r1", "r2"),
+            env=env,
+            log_dir=tmp_path,
+            into=replicas,
+        )
         first = await eventually(lambda: leader_name(conn, db.schema), timeout=30, what="a leader")
         # Ids in insertion order; keys k0..k19 in turn.
         await conn.execute(

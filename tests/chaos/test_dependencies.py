@@ -8,7 +8,6 @@ all 400 results, and the failure must end what follows it, naming the failed nod
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from dispatcher import AsyncClient
 from tests.support.database import TestDatabase
-from tests.support.processes import ReplicaProcess, leader_name
+from tests.support.processes import ReplicaProcess, leader_name, start_replicas
 from tests.support.runtimes import fast_env
 from tests.support.waiting import eventually
 
@@ -31,14 +30,9 @@ async def test_a_graph_completes_in_order_through_a_leader_kill(
     db: TestDatabase, replicas: list[ReplicaProcess], tmp_path: Path
 ) -> None:
     env = {**fast_env(lease="3"), "DISPATCHER_DSN": db.dsn, "DISPATCHER_SCHEMA": db.schema}
-    for name in ("r0", "r1", "r2"):
-        replicas.append(
-            ReplicaProcess(
-                "tests.support.graph_app:app", name=name, env=env, log_path=tmp_path / name
-            )
-        )
-    for replica in replicas:
-        await asyncio.to_thread(replica.wait_healthy)
+    await start_replicas(
+        "tests.support.graph_app:app", ("r0", "r1", "r2"), env=env, log_dir=tmp_path, into=replicas
+    )
     conn = await db.connect()
     client = await AsyncClient.connect(db.dsn, schema=db.schema)
     try:

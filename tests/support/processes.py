@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -23,6 +24,18 @@ async def leader_name(conn: asyncpg.Connection, schema: str) -> str | None:
     on the database clock, if one is."""
     holder = await conn.fetchval(f'SELECT holder FROM "{schema}".leader WHERE lease_until > now()')
     return holder.split("-")[0] if holder else None
+
+
+async def start_replicas(
+    app: str, names: tuple[str, ...], *, env: dict[str, str], log_dir: Path, into: list[Any]
+) -> None:
+    """Start real replicas ``names`` of ``app`` (logs under ``log_dir``), appended to
+    ``into`` (a test's ``replicas`` fixture, which stops them), and wait until each is
+    healthy."""
+    started = [ReplicaProcess(app, name=n, env=env, log_path=log_dir / n) for n in names]
+    into.extend(started)
+    for replica in started:
+        await asyncio.to_thread(replica.wait_healthy)
 
 
 def free_port() -> int:
