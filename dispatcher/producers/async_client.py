@@ -7,25 +7,19 @@ or rolls back with your business write.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar, Unpack
 
 import asyncpg
 
-from dispatcher.core.queries import queries_for
 from dispatcher.core.records import BulkOptions, EnqueueOptions, JobRecord, new_job_values
 from dispatcher.core.schema import DEFAULT_SCHEMA, validate_schema_name
 from dispatcher.producers.graphs import enqueue_graph_plan, prepare_graph
 from dispatcher.producers.plans import (
-    COPY_COLUMNS,
-    LEAN_COPY_COLUMNS,
     ClusterStatus,
-    CopyRows,
     JobType,
     Plan,
-    Row,
-    Step,
     cancel_plan,
     cluster_status_plan,
     enqueue_many_plan,
@@ -34,11 +28,11 @@ from dispatcher.producers.plans import (
     job_types_plan,
     list_jobs_plan,
     prepare_bulk,
-    refused_job,
     retry_many_plan,
     retry_plan,
     set_paused_plan,
 )
+from dispatcher.producers.runners import AsyncpgRunner
 
 T = TypeVar("T")
 
@@ -52,7 +46,7 @@ class AsyncClient:
 
     def __init__(self, *, pool: asyncpg.Pool, schema: str = DEFAULT_SCHEMA) -> None:
         self.schema = validate_schema_name(schema)
-        self._queries = queries_for(schema)
+        self._runner = AsyncpgRunner(schema)
         self._pool = pool
         self._owns_pool = False
 
@@ -104,31 +98,7 @@ class AsyncClient:
     async def _run(self, conn: asyncpg.Connection | None, plan: Plan[T]) -> T:
         """Run a producer plan's statements on ``conn`` (or a pooled one) to its end."""
         async with self._connection(conn) as c:
-            try:
-                step = next(plan)
-                while True:
-                    step = plan.send(await self._execute(c, step))
-            except StopIteration as done:
-                result: T = done.value
-                return result
-
-    async def _execute(self, conn: asyncpg.Connection, step: Step) -> Sequence[Row]:
-        if isinstance(step, CopyRows):
-            await conn.copy_records_to_table(
-                "jobs",
-                schema_name=self.schema,
-                columns=LEAN_COPY_COLUMNS if step.lean else COPY_COLUMNS,
-                records=step.rows,
-            )
-            return []
-        try:
-            rows: Sequence[Row] = await conn.fetch(self._queries[step.query], *step.args)
-        except asyncpg.IntegrityConstraintViolationError as exc:
-            refusal = refused_job(exc.constraint_name, exc.message)
-            if refusal is None:
-                raise
-            raise refusal from exc
-        return rows
+            return await self._runner.run(c, plan)
 
     async def enqueue(
         self,

@@ -7,25 +7,20 @@ write. Without one, the client borrows a pooled connection in autocommit mode.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar, Unpack
 
 import psycopg
-from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from dispatcher.core.queries import for_psycopg, psycopg_params, queries_for
 from dispatcher.core.records import BulkOptions, EnqueueOptions, JobRecord, new_job_values
 from dispatcher.core.schema import DEFAULT_SCHEMA, validate_schema_name
 from dispatcher.producers.graphs import enqueue_graph_plan, prepare_graph
 from dispatcher.producers.plans import (
     ClusterStatus,
-    CopyRows,
     JobType,
     Plan,
-    Row,
-    Step,
     cancel_plan,
     cluster_status_plan,
     enqueue_many_plan,
@@ -34,11 +29,11 @@ from dispatcher.producers.plans import (
     job_types_plan,
     list_jobs_plan,
     prepare_bulk,
-    refused_job,
     retry_many_plan,
     retry_plan,
     set_paused_plan,
 )
+from dispatcher.producers.runners import PsycopgRunner
 
 T = TypeVar("T")
 Connection = psycopg.Connection[Any]
@@ -75,10 +70,9 @@ class Client:
         if (dsn is None) == (pool is None):
             raise ValueError("Client needs exactly one of dsn= or pool=")
         self.schema = validate_schema_name(schema)
-        self._queries = queries_for(schema)
         self._owns_pool = pool is None
-        # None: psycopg decides (prepares a statement after a few runs); False: never.
-        self._prepare: bool | None = None if prepared_statements else False
+        # prepare None: psycopg decides (prepares a statement after a few runs); False: never.
+        self._runner = PsycopgRunner(schema, prepare=None if prepared_statements else False)
         connect_options: dict[str, Any] = {"autocommit": True}
         if not prepared_statements:
             connect_options["prepare_threshold"] = None
@@ -114,34 +108,7 @@ class Client:
     def _run(self, conn: Connection | None, plan: Plan[T]) -> T:
         """Run a producer plan's statements on ``conn`` (or a pooled one) to its end."""
         with self._connection(conn) as c:
-            try:
-                step = next(plan)
-                while True:
-                    step = plan.send(self._execute(c, step))
-            except StopIteration as done:
-                result: T = done.value
-                return result
-
-    def _execute(self, conn: Connection, step: Step) -> Sequence[Row]:
-        if isinstance(step, CopyRows):
-            query = self._queries["copy_jobs_lean" if step.lean else "copy_jobs"]
-            with conn.cursor() as cur, cur.copy(query) as copy:
-                for row in step.rows:
-                    copy.write_row(row)
-            return []
-        with conn.cursor(row_factory=dict_row) as cur:
-            try:
-                cur.execute(
-                    for_psycopg(self._queries[step.query]),
-                    psycopg_params(step.args),
-                    prepare=self._prepare,
-                )
-            except psycopg.errors.IntegrityError as exc:
-                refusal = refused_job(exc.diag.constraint_name, exc.diag.message_primary or "")
-                if refusal is None:
-                    raise
-                raise refusal from exc
-            return cur.fetchall()
+            return self._runner.run(c, plan)
 
     def enqueue(
         self,

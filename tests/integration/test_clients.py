@@ -61,6 +61,21 @@ async def test_async_enqueue_and_get(aclient: AsyncClient) -> None:
     assert await aclient.get(job.id) == job
 
 
+@pytest.mark.parametrize("payload", ["hello", "42", "", "null", 42, None, [1, "2"], {"a": "b"}])
+async def test_payloads_read_back_as_they_were_enqueued(
+    client: Client, aclient: AsyncClient, payload: object
+) -> None:
+    # psycopg decodes jsonb itself: a JSON string once came back decoded twice ("42" as
+    # 42) or not at all ("hello" raised JSONDecodeError) through the sync client.
+    expected = {} if payload is None else payload
+    job = await asyncio.to_thread(client.enqueue, "t.echo", payload)
+    assert job.payload == expected
+    assert (await asyncio.to_thread(client.get, job.id)).payload == expected
+    (listed,) = await asyncio.to_thread(client.list_jobs, type="t.echo")
+    assert listed.payload == expected
+    assert (await aclient.get(job.id)).payload == expected
+
+
 def test_run_at_delay_is_counted_on_the_database_clock(client: Client, db: TestDatabase) -> None:
     job = client.enqueue("later", run_at=dt.timedelta(hours=1))
     assert job.run_at - job.created_at == dt.timedelta(hours=1)
