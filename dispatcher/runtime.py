@@ -221,6 +221,7 @@ class Runtime:
             start_within=self.heartbeat.give_up_after,
             session=self.session,
             dependencies=DependencyResults(pool, s.schema),
+            otel=s.otel,
         )
         # A batch of outcomes carries the claim of the slots it frees, when one is wanted.
         self.completer.write_with_claim = self.dispatcher.write_with_claim

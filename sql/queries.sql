@@ -47,13 +47,16 @@ INSERT INTO {{schema}}.migrations (version, name, checksum) VALUES ($1, $2, $3);
 -- Enqueue one job. run_at: $5 absolute, else now() + $6, else now() (database clock).
 -- No row back: the type's queue is full (job_types.accepting, kept by the leader).
 -- With dependencies $10 it is inserted waiting, and a trigger (0013) then settles it
--- (waiting, pending, or ended at once): the caller reads it again (get_job).
+-- (waiting, pending, or ended at once): the caller reads it again (get_job). $12: the
+-- trace context (JSON text of a carrier; NULL: none).
 INSERT INTO {{schema}}.jobs (type, payload, priority, max_attempts, run_at, timeout, unique_key,
-                             concurrency_key, depends_on, on_dependency_failure, status)
+                             concurrency_key, depends_on, on_dependency_failure, status,
+                             trace_context)
 SELECT $1, $2::text::jsonb, $3, $4,
        COALESCE($5::timestamptz, now() + $6::interval, now()),
        $7, $8, $9, $10, $11,
-       CASE WHEN cardinality($10::bigint[]) > 0 THEN 'waiting' ELSE 'pending' END
+       CASE WHEN cardinality($10::bigint[]) > 0 THEN 'waiting' ELSE 'pending' END,
+       $12::text::jsonb
 WHERE NOT EXISTS (
     SELECT 1 FROM {{schema}}.job_types t WHERE t.type = $1 AND NOT t.accepting
 )
@@ -63,13 +66,14 @@ RETURNING *, false AS duplicate, false AS cached;
 -- Enqueue one job unless an active job (pending or processing) has the same type and
 -- unique_key; then return that one, flagged duplicate. No row back: the other job
 -- finished between our conflict and our look (the caller tries again), or the type's
--- queue is full (queue_full tells which).
+-- queue is full (queue_full tells which). Parameters: insert_job's.
 WITH inserted AS (
     INSERT INTO {{schema}}.jobs (type, payload, priority, max_attempts, run_at, timeout,
-                                 unique_key, concurrency_key, depends_on, on_dependency_failure)
+                                 unique_key, concurrency_key, depends_on, on_dependency_failure,
+                                 trace_context)
     SELECT $1, $2::text::jsonb, $3, $4,
            COALESCE($5::timestamptz, now() + $6::interval, now()),
-           $7, $8, $9, $10, $11
+           $7, $8, $9, $10, $11, $12::text::jsonb
     WHERE NOT EXISTS (
         SELECT 1 FROM {{schema}}.job_types t WHERE t.type = $1 AND NOT t.accepting
     )
@@ -88,10 +92,12 @@ WHERE NOT EXISTS (SELECT 1 FROM inserted)
 
 -- name: insert_jobs_unique_many
 -- Bulk enqueue of jobs that carry unique keys: one statement, duplicates skipped.
--- Returns the ids inserted with their unique_key, so the caller can map the rest.
-INSERT INTO {{schema}}.jobs (type, payload, priority, max_attempts, run_at, timeout, unique_key)
+-- Returns the ids inserted with their unique_key, so the caller can map the rest. $8:
+-- the trace context of them all (NULL: none).
+INSERT INTO {{schema}}.jobs (type, payload, priority, max_attempts, run_at, timeout, unique_key,
+                             trace_context)
 SELECT t.type, t.payload::jsonb, t.priority, t.max_attempts,
-       COALESCE(t.run_at, now()), t.timeout, t.unique_key
+       COALESCE(t.run_at, now()), t.timeout, t.unique_key, $8::text::jsonb
 FROM unnest($1::text[], $2::text[], $3::smallint[], $4::integer[], $5::timestamptz[],
             $6::double precision[], $7::text[])
      AS t(type, payload, priority, max_attempts, run_at, timeout, unique_key)
@@ -127,7 +133,8 @@ GROUP BY closed.max_pending, closed.pending;
 -- name: copy_jobs
 -- Bulk load of jobs whose ids came from reserve_job_ids (psycopg COPY; asyncpg uses
 -- copy_records_to_table with the same columns).
-COPY {{schema}}.jobs (id, type, payload, priority, max_attempts, run_at, timeout) FROM STDIN;
+COPY {{schema}}.jobs (id, type, payload, priority, max_attempts, run_at, timeout, trace_context)
+FROM STDIN;
 
 -- name: copy_jobs_lean
 -- Bulk load of jobs that take every default but type and payload.
@@ -181,14 +188,17 @@ FROM sequence, generate_series(1, $1);
 -- dependencies with lower ids): per job, type $2[i], payload $3[i], priority $4[i],
 -- max_attempts $5[i], run_at $6[i] (absolute) else now() + $7[i] else now(), timeout
 -- $8[i], concurrency_key $9[i], depends_on $10[i] (an array literal such as '{3,4}';
--- NULL: none), on_dependency_failure $11[i]. 0013's trigger settles each row as the
--- statement ends (all of its rows are visible to it then). Returns the ids.
+-- NULL: none), on_dependency_failure $11[i]; trace context $12 for them all (NULL:
+-- none). 0013's trigger settles each row as the statement ends (all of its rows are
+-- visible to it then). Returns the ids.
 INSERT INTO {{schema}}.jobs (id, type, payload, priority, max_attempts, run_at, timeout,
-                             concurrency_key, depends_on, on_dependency_failure, status)
+                             concurrency_key, depends_on, on_dependency_failure, status,
+                             trace_context)
 SELECT g.id, g.type, g.payload::jsonb, g.priority, g.max_attempts,
        COALESCE(g.run_at, now() + g.run_in, now()), g.timeout, g.concurrency_key,
        g.depends_on::bigint[], g.on_dependency_failure,
-       CASE WHEN g.depends_on IS NULL THEN 'pending' ELSE 'waiting' END
+       CASE WHEN g.depends_on IS NULL THEN 'pending' ELSE 'waiting' END,
+       $12::text::jsonb
 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::smallint[], $5::integer[],
             $6::timestamptz[], $7::interval[], $8::double precision[], $9::text[],
             $10::text[], $11::text[])
@@ -422,7 +432,7 @@ FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.type, j.payload::text AS payload, j.attempts, j.max_attempts, j.timeout,
           greatest(extract(epoch FROM j.started_at - j.run_at), 0)::double precision AS waited,
-          j.cancel_requested, j.priority, j.run_at;
+          j.cancel_requested, j.priority, j.run_at, j.trace_context::text AS trace_context;
 
 -- name: claim_jobs
 -- Leader claim for owner $2 under term $1: per type $3[i] at most $4[i] jobs, at most $5
@@ -726,10 +736,10 @@ written AS (
     {{write_outcomes+11}}
 )
 SELECT true AS claimed, id, type, payload, attempts, max_attempts, timeout, waited,
-       cancel_requested, priority, run_at, NULL::text AS status
+       cancel_requested, priority, run_at, trace_context, NULL::text AS status
 FROM started
 UNION ALL
-SELECT false, id, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL, status
+SELECT false, id, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL, NULL, status
 FROM written;
 
 -- name: heartbeat_jobs

@@ -12,6 +12,7 @@ Bottom layer: imports only errors and schema.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -120,6 +121,28 @@ def _choice(*choices: str) -> Callable[[Any], str]:
         return text
 
     return parse
+
+
+def parse_otel(value: Any) -> str:
+    """auto, true or false (any spelling parse_bool takes); true needs the otel extra."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        enabled = parse_bool(value)
+    except ValueError:
+        raise ValueError(f"expected auto, true or false, got {value!r}") from None
+    if enabled and not _otel_installed():
+        raise ValueError(
+            "true needs opentelemetry-api, which is not installed: pip install 'dispatcher[otel]'"
+        )
+    return "true" if enabled else "false"
+
+
+def _otel_installed() -> bool:
+    try:
+        return importlib.util.find_spec("opentelemetry.trace") is not None
+    except ImportError:  # opentelemetry itself missing, or blocked
+        return False
 
 
 def _schema(value: Any) -> str:
@@ -231,6 +254,12 @@ class Settings:
     )
     max_payload_bytes: int = _setting(
         1024 * 1024, parse_positive_int, "largest job payload the HTTP API accepts, in bytes"
+    )
+    otel: str = _setting(
+        "auto",
+        parse_otel,
+        "OpenTelemetry spans for attempts: auto (when an SDK tracer provider is set by the "
+        "time claiming starts), true, false (producers: false stores no trace context)",
     )
 
     def masked(self) -> dict[str, Any]:

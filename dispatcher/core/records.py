@@ -109,8 +109,9 @@ class NewJob:
     depends_on: tuple[int, ...] | None = None
     on_dependency_failure: str | None = None
 
-    def insert_args(self) -> tuple[Any, ...]:
-        """Values for $1..$11 of insert_job / insert_job_unique."""
+    def insert_args(self, trace_context: str | None = None) -> tuple[Any, ...]:
+        """Values for $1..$12 of insert_job / insert_job_unique; ``trace_context``: the
+        JSON text of the trace context to store (dispatcher.core.tracing)."""
         return (
             self.type,
             self.payload_json,
@@ -123,6 +124,7 @@ class NewJob:
             self.concurrency_key,
             None if self.depends_on is None else list(self.depends_on),
             self.on_dependency_failure,
+            trace_context,
         )
 
 

@@ -11,10 +11,11 @@ import datetime as dt
 import json
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, Strict
 
+from dispatcher.core import tracing
 from dispatcher.core.errors import InvalidJob
 from dispatcher.core.records import (
     MAX_ATTEMPTS,
@@ -107,7 +108,9 @@ class DuplicateJob(BaseModel):
         429: {"model": Problem, "description": "the type's queue is full (max_pending)"},
     },
 )
-async def enqueue(body: EnqueueRequest, settings: SettingsDep, client: ClientDep) -> Any:
+async def enqueue(
+    body: EnqueueRequest, settings: SettingsDep, client: ClientDep, request: Request
+) -> Any:
     """Enqueue a job. 409 (with the existing job) if an active job of the same type
     has its unique_key; 200 with a completed job when cache_ttl finds one; 429 with
     Retry-After when the type's queue is full."""
@@ -123,7 +126,10 @@ async def enqueue(body: EnqueueRequest, settings: SettingsDep, client: ClientDep
     run_at: dt.datetime | dt.timedelta | None = body.run_at
     if body.delay is not None:
         run_at = dt.timedelta(seconds=body.delay)
-    job = await client.enqueue(body.type, body.payload, **options_of(body, run_at=run_at))
+    # A W3C traceparent header (with tracestate) puts the job in its caller's trace.
+    incoming = tracing.incoming(request.headers) if settings.otel != "false" else tracing.NOTHING
+    with incoming:
+        job = await client.enqueue(body.type, body.payload, **options_of(body, run_at=run_at))
     if job.cached:
         return JSONResponse(_job(job), status_code=200)
     if job.duplicate:

@@ -31,6 +31,7 @@ from dispatcher.core.records import (
     dependency_ids,
     new_job_values,
 )
+from dispatcher.core.tracing import sending
 from dispatcher.producers.plans import Plan, Run, queue_full_error
 
 # Node keys beside the enqueue options.
@@ -125,9 +126,16 @@ def _cycle(waiting: dict[str, set[str]]) -> list[str]:
 
 
 def enqueue_graph_plan(graph: list[GraphJob]) -> Plan[dict[str, int]]:
-    """Insert the graph (prepared by :func:`prepare_graph`); {node name: job id}."""
+    """Insert the graph (prepared by :func:`prepare_graph`); {node name: job id}, in
+    one producer span (see plans.py) whose context all its jobs store."""
     if not graph:
         return {}
+    types = {g.job.type for g in graph}
+    with sending(next(iter(types)) if len(types) == 1 else None, len(graph)) as send:
+        return (yield from _insert_graph(graph, send.carrier))
+
+
+def _insert_graph(graph: list[GraphJob], trace_context: str | None) -> Plan[dict[str, int]]:
     closed = yield Run("closed_queues", (sorted({g.job.type for g in graph}),))
     if closed:
         raise queue_full_error(closed[0]["type"], closed[0])
@@ -152,6 +160,7 @@ def enqueue_graph_plan(graph: list[GraphJob]) -> Plan[dict[str, int]]:
             [j.concurrency_key for j in jobs],
             depends_on,
             [j.on_dependency_failure for j in jobs],
+            trace_context,
         ),
     )
     return ids

@@ -30,6 +30,7 @@ from dispatcher.core.records import (
     encode_json,
     new_job_values,
 )
+from dispatcher.core.tracing import sending
 
 T = TypeVar("T")
 
@@ -40,7 +41,9 @@ UNIQUE_INSERT_TRIES = 5
 
 # Column order of the copy_jobs query (and of asyncpg's copy_records_to_table), and of
 # copy_jobs_lean, for jobs that take every other column's default.
-COPY_COLUMNS = ("id", "type", "payload", "priority", "max_attempts", "run_at", "timeout")
+COPY_COLUMNS = (
+    "id", "type", "payload", "priority", "max_attempts", "run_at", "timeout", "trace_context"
+)  # fmt: skip
 LEAN_COPY_COLUMNS = ("id", "type", "payload")
 
 Row = Mapping[str, Any]
@@ -145,11 +148,20 @@ def _encode_payloads(payloads: Iterable[Any]) -> list[str]:
 
 
 # --- plans ------------------------------------------------------------------------
+# Each enqueue runs inside its producer span (dispatcher.core.tracing.sending: a no-op
+# unless a span is current), and stores the span's context with its jobs.
 
 
 def enqueue_plan(job: NewJob) -> Plan[JobRecord]:
+    with sending(job.type) as send:
+        record = yield from _enqueue(job, send.carrier)
+        send.sent(record.id)
+    return record
+
+
+def _enqueue(job: NewJob, trace_context: str | None) -> Plan[JobRecord]:
     if job.unique_key is None:
-        rows = yield Run("insert_job", job.insert_args())
+        rows = yield Run("insert_job", job.insert_args(trace_context))
         if not rows:
             raise (yield from _queue_full(job.type))
         if job.depends_on is not None:
@@ -162,7 +174,7 @@ def enqueue_plan(job: NewJob) -> Plan[JobRecord]:
         if cached:
             return JobRecord.from_row(cached[0])
     for _ in range(UNIQUE_INSERT_TRIES):
-        rows = yield Run("insert_job_unique", job.insert_args())
+        rows = yield Run("insert_job_unique", job.insert_args(trace_context))
         if rows:
             return JobRecord.from_row(rows[0])
         full = yield Run("queue_full", (job.type,))
@@ -194,6 +206,11 @@ def queue_full_error(type: str, row: Row) -> QueueFull:
 def enqueue_many_plan(bulk: BulkJobs) -> Plan[list[int]]:
     if not bulk.payloads:
         return []
+    with sending(bulk.type, len(bulk.payloads)) as send:
+        return (yield from _enqueue_many(bulk, send.carrier))
+
+
+def _enqueue_many(bulk: BulkJobs, trace_context: str | None) -> Plan[list[int]]:
     if bulk.unique_keys is None:
         reserved = (
             yield Run("reserve_job_ids", (len(bulk.payloads), bulk.run_at, bulk.run_in, bulk.type))
@@ -201,15 +218,16 @@ def enqueue_many_plan(bulk: BulkJobs) -> Plan[list[int]]:
         if reserved["max_pending"] is not None:
             raise queue_full_error(bulk.type, reserved)
         ids: list[int] = list(reserved["ids"])
-        if bulk.is_lean:
+        if bulk.is_lean and trace_context is None:
             # Fewer columns to format and parse: the defaults are the database's.
             yield CopyRows(zip(ids, [bulk.type] * len(ids), bulk.payloads, strict=True), lean=True)
         else:
             run_at = reserved["run_at"]
             yield CopyRows(
-                (job_id, bulk.type, payload, bulk.priority, bulk.max_attempts, run_at, bulk.timeout)
+                (job_id, bulk.type, payload, bulk.priority, bulk.max_attempts, run_at,
+                 bulk.timeout, trace_context)
                 for job_id, payload in zip(ids, bulk.payloads, strict=True)
-            )
+            )  # fmt: skip
         return ids
     full = yield Run("queue_full", (bulk.type,))
     if full:
@@ -224,6 +242,7 @@ def enqueue_many_plan(bulk: BulkJobs) -> Plan[list[int]]:
         [bulk.run_at] * n,
         [bulk.timeout] * n,
         keys,
+        trace_context,
     )
     found: dict[str, int] = {}
     for _ in range(UNIQUE_INSERT_TRIES):

@@ -46,10 +46,17 @@ from dispatcher.core.log import get_logger
 from dispatcher.core.metrics import Metrics, Service
 from dispatcher.core.queries import queries_for
 from dispatcher.core.retry import backoff_delay
+from dispatcher.core.tracing import AttemptTracer, attempt_tracer
 from dispatcher.services.claim_cursors import ClaimCursors
 from dispatcher.services.claiming import ClaimMode, ClaimRequest
 from dispatcher.services.completer import Written, outcome_arguments
-from dispatcher.services.executor import Attempt, CancelReason, Outcome, run_attempt
+from dispatcher.services.executor import (
+    Attempt,
+    CancelReason,
+    Outcome,
+    run_attempt,
+    run_traced_attempt,
+)
 from dispatcher.services.job import DependencyReader, Job
 from dispatcher.services.slots import Slots
 from dispatcher.services.wakeup import Wakeup
@@ -94,7 +101,10 @@ class Dispatcher:
         start_within: float = math.inf,
         session: SessionState | None = None,
         dependencies: DependencyReader | None = None,
+        otel: str = "false",
     ) -> None:
+        """``otel``: the setting that decides, each time claiming starts, whether each
+        attempt runs in a span (:func:`dispatcher.core.tracing.attempt_tracer`)."""
         self.app = app
         self.owner_id = owner_id
         self.mode = mode
@@ -117,6 +127,8 @@ class Dispatcher:
         # An attempt not started this long after its claim may have been rescued.
         self._start_within = start_within
         self._session = session
+        self._otel = otel
+        self._tracer: AttemptTracer | None = None
         self._metrics = metrics
         self._log = get_logger("dispatch")
         self._loop_task: asyncio.Task[None] | None = None
@@ -225,6 +237,11 @@ class Dispatcher:
 
     async def _prepare(self) -> None:
         """What a claim loop needs before its first claim."""
+        # Decided here, after the app's startup hooks (where a tracer provider may be set).
+        tracer = attempt_tracer(self._otel)
+        if (tracer is None) != (self._tracer is None):
+            self._log.info("attempt_tracing", enabled=tracer is not None, setting=self._otel)
+        self._tracer = tracer
         await self.refresh_paused()
         await self.mode.prepare(self._pool)
 
@@ -312,8 +329,14 @@ class Dispatcher:
             for attempt in attempts:
                 attempt.cancel(CancelReason.SESSION_LOST)
         self.slots.add(attempts)
-        for attempt in attempts:
-            attempt.task = loop.create_task(run_attempt(attempt, self._threads, self._deliver))
+        tracer = self._tracer
+        for attempt, row in zip(attempts, rows, strict=True):
+            if tracer is None:
+                run = run_attempt(attempt, self._threads, self._deliver)
+            else:
+                carrier = row["trace_context"]
+                run = run_traced_attempt(attempt, tracer, carrier, self._threads, self._deliver)
+            attempt.task = loop.create_task(run)
             claimed[attempt.job.type] += 1
         self.mode.recorded(claimed)
         self.cursors.claimed(rows, request.cursors_generation)

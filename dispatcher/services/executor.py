@@ -23,10 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from dispatcher.core.app import ExecutorSpec
+from dispatcher.core.app import ExecutorFunction, ExecutorSpec
 from dispatcher.core.errors import InvalidJob, PermanentError, RetryAfter, Snooze
 from dispatcher.core.log import get_logger
 from dispatcher.core.records import encode_json
+from dispatcher.core.tracing import AttemptTracer
 from dispatcher.services.job import Job
 
 MAX_ERROR_LENGTH = 2000
@@ -85,13 +86,15 @@ class Attempt:
     """
 
     __slots__ = (
-        "after", "cancel_reason", "finished", "job", "spec", "start_by", "started", "task",
-        "thread",
+        "after", "cancel_reason", "finished", "function", "job", "spec", "start_by", "started",
+        "task", "thread",
     )  # fmt: skip
 
     def __init__(self, job: Job, spec: ExecutorSpec, start_by: float = math.inf) -> None:
         self.job = job
         self.spec = spec
+        # What runs: the executor, or the executor wrapped by its span (tracing on).
+        self.function: ExecutorFunction = spec.function
         self.start_by = start_by
         self.task: asyncio.Future[Any] | None = None
         # A plain def executor's call in the thread pool.
@@ -203,10 +206,10 @@ async def run_attempt(
             outcome = _cancelled_unstarted(attempt)
         elif spec.is_async:
             if timeout is None:  # most jobs: no timer to arm
-                result = await spec.function(job)
+                result = await attempt.function(job)
             else:
                 async with asyncio.timeout(timeout) as timer:
-                    result = await spec.function(job)
+                    result = await attempt.function(job)
         else:
             result = await _run_in_thread(attempt, threads)
             if attempt.told_to_stop:
@@ -235,6 +238,25 @@ async def run_attempt(
     outcome.source = attempt
     if deliver is not None:
         deliver(outcome)
+    return outcome
+
+
+async def run_traced_attempt(
+    attempt: Attempt,
+    tracer: AttemptTracer,
+    trace_context: str | None,
+    threads: ThreadPoolExecutor,
+    deliver: Callable[[Outcome], None] | None = None,
+) -> Outcome:
+    """:func:`run_attempt` inside the attempt's span (tracing on), a child of the
+    context its row stores (``trace_context``), which records what the executor raised
+    and how the attempt ended."""
+    job = attempt.job
+    span = tracer.start(job.id, job.type, job.attempt, trace_context)
+    attempt.function = span.wrap(attempt.function, is_async=attempt.spec.is_async)
+    with span:
+        outcome = await run_attempt(attempt, threads, deliver)
+    span.end(outcome.kind, outcome.error, outcome.delay)
     return outcome
 
 
@@ -269,7 +291,7 @@ async def _run_in_thread(attempt: Attempt, threads: ThreadPoolExecutor) -> Any:
     whatever happens meanwhile: a thread cannot be killed, so the attempt is live until
     then. Its timeout and cancels only flag the job (and stop a thread not started)."""
     job = attempt.job
-    thread = threads.submit(attempt.spec.function, job)
+    thread = threads.submit(attempt.function, job)
     attempt.thread = thread
     returned = asyncio.wrap_future(thread)
     if job.timeout is not None:

@@ -15,7 +15,11 @@ import pytest
 
 from tests.chaos.conftest import StartChaosReplicas
 from tests.support.database import TestDatabase
-from tests.support.hostile_rows import REFUSED_DEPENDENCY_ROWS, REFUSED_ROWS
+from tests.support.hostile_rows import (
+    REFUSED_DEPENDENCY_ROWS,
+    REFUSED_ROWS,
+    REFUSED_TRACE_CONTEXT_ROWS,
+)
 from tests.support.processes import ReplicaProcess
 from tests.support.runtimes import fast_env
 from tests.support.waiting import eventually
@@ -99,7 +103,8 @@ async def test_hostile_rows_and_fuzzed_requests_harm_no_good_job(
                 )
             )
         # Rows that can never run are refused at insert, whatever the load.
-        for what, columns, values, constraint in REFUSED_ROWS + REFUSED_DEPENDENCY_ROWS:
+        refusals = REFUSED_ROWS + REFUSED_DEPENDENCY_ROWS + REFUSED_TRACE_CONTEXT_ROWS
+        for what, columns, values, constraint in refusals:
             with pytest.raises(asyncpg.CheckViolationError) as refused:
                 await conn.execute(f"INSERT INTO {db.jobs} ({columns}) VALUES ({values})")
             assert refused.value.constraint_name == constraint, what

@@ -13,13 +13,17 @@ from dispatcher.core.app import App
 from dispatcher.database.migrate import migrate
 from dispatcher.services.job import Job
 from tests.support.database import PostgresServer, TestDatabase
-from tests.support.hostile_rows import REFUSED_DEPENDENCY_ROWS, REFUSED_ROWS
+from tests.support.hostile_rows import (
+    REFUSED_DEPENDENCY_ROWS,
+    REFUSED_ROWS,
+    REFUSED_TRACE_CONTEXT_ROWS,
+)
 from tests.support.runtimes import FAST_SETTINGS, StartRuntime
 from tests.support.waiting import eventually
 
 STALE_AFTER = float(FAST_SETTINGS["stale_after"])
 
-HOSTILE = REFUSED_ROWS + REFUSED_DEPENDENCY_ROWS
+HOSTILE = REFUSED_ROWS + REFUSED_DEPENDENCY_ROWS + REFUSED_TRACE_CONTEXT_ROWS
 
 
 @pytest.mark.parametrize(("what", "columns", "values", "constraint"), HOSTILE)

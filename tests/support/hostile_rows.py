@@ -1,5 +1,5 @@
 """Rows other services could insert with plain SQL that can never run, each with the
-named constraint that refuses it (migrations 0005 and 0013). Used by the integration and
+named constraint that refuses it (migrations 0005, 0013 and 0014). Used by the integration and
 chaos tests of hostile input."""
 
 from __future__ import annotations
@@ -44,4 +44,16 @@ REFUSED_DEPENDENCY_ROWS = [
      "jobs_with_dependencies_start_pending_or_waiting"),
     ("10,001 dependencies", "type, depends_on", "'h.ok', array_fill(1::bigint, ARRAY[10001])",
      "depends_on_must_be_a_list_of_at_most_10000_job_ids"),
+]  # fmt: skip
+
+# The same for trace contexts that could never be a carrier (migration 0014). Carriers
+# that pass (a garbage traceparent, values that are not strings) are ignored by the
+# executor instead: tests/integration/test_tracing.py.
+REFUSED_TRACE_CONTEXT_ROWS = [
+    ("a trace context that is not an object", "type, trace_context",
+     """'h.ok', '"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"'""",
+     "trace_context_must_be_an_object_of_at_most_4kb"),
+    ("a trace context of 5 KB", "type, trace_context",
+     "'h.ok', jsonb_build_object('traceparent', repeat('x', 5000))",
+     "trace_context_must_be_an_object_of_at_most_4kb"),
 ]  # fmt: skip

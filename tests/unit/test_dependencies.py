@@ -20,9 +20,9 @@ from dispatcher.services.job import Job
 def test_depends_on_is_a_list_of_distinct_job_ids() -> None:
     assert new_job_values("t", depends_on=[5, 3, 5]).depends_on == (5, 3)
     assert new_job_values("t", depends_on=[]).depends_on is None
-    assert new_job_values("t").insert_args()[-2:] == (None, None)
+    assert new_job_values("t").insert_args()[-3:] == (None, None, None)
     job = new_job_values("t", depends_on=(4,), on_dependency_failure="cancel")
-    assert job.insert_args()[-2:] == ([4], "cancel")
+    assert job.insert_args()[-3:-1] == ([4], "cancel")
     refusals = {
         "depends_on must be a list of job ids, got '12'": {"depends_on": "12"},
         "depends_on must hold job ids (positive integers), got True": {"depends_on": [True]},
@@ -106,9 +106,10 @@ def test_the_graph_plan_reserves_ids_and_inserts_once() -> None:
     assert plan.send([]) == Run("reserve_ids", (3,))
     insert = plan.send([{"ids": [12, 10, 11]}])
     assert isinstance(insert, Run) and insert.query == "insert_job_graph"
-    ids, types, *_, depends_on, failure = insert.args
+    ids, types, *_, depends_on, failure, trace_context = insert.args
     assert (ids, types) == ([10, 11, 12], ["b", "b", "j"])
     assert depends_on == [None, None, "{3,10,11}"] and failure == [None, None, None]
+    assert trace_context is None
     with pytest.raises(StopIteration) as done:
         plan.send([{"id": 10}, {"id": 11}, {"id": 12}])
     assert done.value.value == {"x": 10, "y": 11, "join": 12}
