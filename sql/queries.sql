@@ -1464,3 +1464,23 @@ SELECT now();
 SELECT count(pg_advisory_xact_lock(hashtextextended('dispatcher:type:' || $2 || ':' || t, 0)))
 FROM (SELECT t FROM unnest($1::text[]) AS t ORDER BY t) AS ordered;
 
+
+-- name: testing_due_job_ids
+-- dispatcher.testing's drain(recursive=False): the ids of the jobs of types $1 due now,
+-- the only ones it runs.
+SELECT id FROM {{schema}}.jobs
+WHERE status = 'pending' AND run_at <= now() AND type = ANY($1::text[]);
+
+-- name: testing_make_scheduled_due
+-- dispatcher.testing's drain(with_scheduled=True): pending jobs of types $1 due later (a
+-- future run_at, a retry's backoff, a snooze) become due now.
+UPDATE {{schema}}.jobs SET run_at = now()
+WHERE status = 'pending' AND run_at > now() AND type = ANY($1::text[]);
+
+-- name: testing_reset
+-- dispatcher.testing's pytest fixtures, before each test: no jobs (ids start at 1
+-- again), dependencies, queue samples, type controls or schedules left from before.
+TRUNCATE {{schema}}.jobs, {{schema}}.job_dependencies, {{schema}}.waiting_jobs,
+         {{schema}}.queue_samples, {{schema}}.job_types, {{schema}}.schedules,
+         {{schema}}.schedule_runs
+RESTART IDENTITY;

@@ -1,5 +1,6 @@
-"""What ships: the wheel carries sql/ and the dashboard's templates and assets, and a
-missing database says what to do."""
+"""What ships: the wheel carries sql/ and the dashboard's templates and assets, declares
+the pytest plugin and the optional extras (which the core install does not pull), and
+a missing database says what to do."""
 
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ def test_the_wheel_ships_migrations_queries_and_the_dashboard(tmp_path: Path) ->
     }
     assert in_checkout_ui >= {"dispatcher/http/ui/static/ui.js", "dispatcher/http/ui/static/ui.css"}
     assert in_checkout_ui <= names
+    archive = zipfile.ZipFile(wheel)
+    (info,) = {n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info")}
+    entry_points = archive.read(f"{info}/entry_points.txt").decode()
+    assert "[pytest11]\ndispatcher = dispatcher.testing.pytest_plugin" in entry_points
+    metadata = archive.read(f"{info}/METADATA").decode().splitlines()
+    requires = [line.removeprefix("Requires-Dist: ") for line in metadata
+                if line.startswith("Requires-Dist: ")]  # fmt: skip
+    core = [r for r in requires if "extra ==" not in r]
+    for optional in ("opentelemetry", "sqlalchemy", "django"):
+        assert not [r for r in core if r.lower().startswith(optional)], core
+        assert [r for r in requires if r.lower().startswith(optional)], optional
 
 
 def test_no_dsn_and_no_embedded_server_says_what_to_install_or_set(tmp_path: Path) -> None:
