@@ -11,11 +11,12 @@
   automatically: see :mod:`dispatcher.testing.pytest_plugin`.
 """
 
-from dispatcher.testing.drain import Drained, drain, drain_async
+from dispatcher.testing.drain import Drained, DrainOptions, drain, drain_async
 from dispatcher.testing.enqueued import all_enqueued, assert_enqueued, refute_enqueued
 from dispatcher.testing.perform import JobFields, Performed, perform, perform_async
 
 __all__ = [
+    "DrainOptions",
     "Drained",
     "JobFields",
     "Performed",

@@ -21,6 +21,7 @@ import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import asyncpg
 
@@ -93,62 +94,52 @@ async def _pool(dsn_or_pool: str | asyncpg.Pool) -> AsyncIterator[asyncpg.Pool]:
         )
 
 
+class DrainOptions(TypedDict, total=False):
+    """What :func:`drain` runs, and for how long.
+
+    ``schema``: the installation (default ``dispatcher``). ``types``: only these types
+    (default: all of the app's). ``with_scheduled``: jobs due later (a future
+    ``run_at``, a retry's backoff, a snooze) run now too, so a job that keeps failing
+    runs all its attempts. ``recursive`` (default True): jobs enqueued while draining
+    (by executors, or released by a dependency) run in the same drain; False hands
+    them back unrun, attempt unspent: only those due when the drain began run.
+    ``timeout`` (default 60): seconds before DispatcherError, e.g. for an executor
+    that always snoozes under ``with_scheduled``.
+    """
+
+    schema: str
+    types: Iterable[str] | None
+    with_scheduled: bool
+    recursive: bool
+    timeout: float
+
+
 async def drain_async(
-    app: App,
-    dsn_or_pool: str | asyncpg.Pool,
-    *,
-    schema: str = DEFAULT_SCHEMA,
-    types: Iterable[str] | None = None,
-    with_scheduled: bool = False,
-    recursive: bool = True,
-    timeout: float = 60.0,
+    app: App, dsn_or_pool: str | asyncpg.Pool, **options: Unpack[DrainOptions]
 ) -> Drained:
     """:func:`drain` from async code, on a DSN or an asyncpg pool of the caller's."""
-    validate_schema_name(schema)
-    app = _only(app, types)
+    schema = validate_schema_name(options.get("schema", DEFAULT_SCHEMA))
+    app = _only(app, options.get("types"))
     if not app.executors:
         raise DispatcherError("drain: the app has no executors registered")
     async with _pool(dsn_or_pool) as pool:
         return await _Drain(app, pool, schema).run(
-            with_scheduled=with_scheduled, recursive=recursive, timeout=timeout
+            with_scheduled=options.get("with_scheduled", False),
+            recursive=options.get("recursive", True),
+            timeout=options.get("timeout", 60.0),
         )
 
 
-def drain(
-    app: App,
-    dsn: str,
-    *,
-    schema: str = DEFAULT_SCHEMA,
-    types: Iterable[str] | None = None,
-    with_scheduled: bool = False,
-    recursive: bool = True,
-    timeout: float = 60.0,
-) -> Drained:
-    """Run every due job of ``app``'s types (or only ``types``) in the database at
-    ``dsn`` until none is due, in this process, and return the attempts' outcomes
-    counted (:class:`Drained`).
-
-    ``with_scheduled``: jobs due later (a future ``run_at``, a retry's backoff, a
-    snooze) run now too, so a job that keeps failing runs all its attempts.
-    ``recursive=False``: jobs enqueued while draining (by executors, or released by
-    a dependency) stay pending; only those due when the drain began run. ``timeout``:
-    seconds before DispatcherError, e.g. for an executor that always snoozes under
-    ``with_scheduled``. From async code, use ``await drain_async(...)``.
+def drain(app: App, dsn: str, **options: Unpack[DrainOptions]) -> Drained:
+    """Run every due job of ``app``'s types in the database at ``dsn`` until none is
+    due, in this process, and return the attempts' outcomes counted
+    (:class:`Drained`). ``options``: see :class:`DrainOptions`. From async code, use
+    ``await drain_async(...)``.
     """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(
-            drain_async(
-                app,
-                dsn,
-                schema=schema,
-                types=types,
-                with_scheduled=with_scheduled,
-                recursive=recursive,
-                timeout=timeout,
-            )
-        )
+        return asyncio.run(drain_async(app, dsn, **options))
     raise DispatcherError(
         "drain() runs its own event loop and cannot be called from a running one; "
         "use `await drain_async(...)` in async tests"

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Unpack
 
 import psycopg
 import pytest
@@ -35,7 +35,7 @@ from dispatcher.core.queries import queries_for
 from dispatcher.core.schema import DEFAULT_SCHEMA, validate_schema_name
 from dispatcher.database.migrate import migrate_at
 from dispatcher.producers.client import Client
-from dispatcher.testing.drain import Drained, drain
+from dispatcher.testing.drain import Drained, DrainOptions, drain
 
 DSN_VARIABLES = ("DISPATCHER_TEST_DSN", "DISPATCHER_DSN")
 
@@ -119,11 +119,13 @@ def dispatcher_app(request: pytest.FixtureRequest) -> App:
 def dispatcher_drain(
     dispatcher_app: App, dispatcher_database: tuple[str, str]
 ) -> Callable[..., Drained]:
-    """``dispatcher_drain(types=None, with_scheduled=False, recursive=True)``: run every
-    due job of ``dispatcher_app`` in the test's process; returns the counts."""
+    """``dispatcher_drain(**options)`` (:class:`~dispatcher.testing.DrainOptions`: types,
+    with_scheduled, recursive, timeout): run every due job of ``dispatcher_app`` in the
+    test's process; returns the counts."""
     dsn, schema = dispatcher_database
 
-    def run(**options: Any) -> Drained:
-        return drain(dispatcher_app, dsn, schema=schema, **options)
+    def run(**options: Unpack[DrainOptions]) -> Drained:
+        options.setdefault("schema", schema)
+        return drain(dispatcher_app, dsn, **options)
 
     return run
