@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 from typing import Any
 
 import asyncpg
@@ -49,6 +50,14 @@ def drain_app(db: TestDatabase) -> App:
     @app.executor("d.sum")
     async def sum_(job: Job) -> int:
         return sum((await job.dependency_results()).values()) + int(job.payload["add"])
+
+    @app.executor("d.one_per_key", key_concurrency=1)
+    async def one_per_key(job: Job) -> str:
+        return str(job.payload["n"])
+
+    @app.executor("d.one_at_a_time", concurrency=1, rate_limit=(1000, 1.0))
+    def one_at_a_time(job: Job) -> int:
+        return int(job.payload["n"])
 
     @app.executor("d.snooze")
     async def snooze(job: Job) -> None:
@@ -168,6 +177,30 @@ async def test_types_narrow_the_drain_and_paused_types_wait(
 
     with pytest.raises(DispatcherError, match=r"no executor registered for 'd.nope'"):
         await drain_async(app, db.dsn, schema=db.schema, types=["d.nope"])
+
+
+async def test_limits_hold_and_rounds_go_on_until_every_job_ran(
+    db: TestDatabase, client: AsyncClient
+) -> None:
+    # Claims cut short by a key limit, a concurrency limit and a rate limit (the
+    # worker-mode statements, under their per-type locks): the drain claims again.
+    app = drain_app(db)
+    for n in range(4):
+        await client.enqueue("d.one_per_key", {"n": n}, concurrency_key="k")
+        await client.enqueue("d.one_at_a_time", {"n": n})
+    assert await drain_async(app, db.dsn, schema=db.schema) == Drained(completed=8)
+    conn = await db.connect()
+    try:
+        rows = await conn.fetch(
+            f"SELECT type, started_at, finished_at FROM {db.jobs} ORDER BY started_at"
+        )
+    finally:
+        await conn.close()
+    for type_ in ("d.one_per_key", "d.one_at_a_time"):
+        runs = [(r["started_at"], r["finished_at"]) for r in rows if r["type"] == type_]
+        assert len(runs) == 4
+        # One at a time: each started once the one before had finished.
+        assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(runs)), type_
 
 
 async def test_a_drain_that_cannot_end_says_so(db: TestDatabase, client: AsyncClient) -> None:
