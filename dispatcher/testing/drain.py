@@ -31,6 +31,7 @@ from dispatcher.core.metrics import Metrics
 from dispatcher.core.queries import queries_for
 from dispatcher.core.schema import DEFAULT_SCHEMA, validate_schema_name
 from dispatcher.core.version import VERSION
+from dispatcher.database.migrate import check_schema_current
 from dispatcher.services.claiming import WorkerClaims
 from dispatcher.services.completer import Completer
 from dispatcher.services.dependencies import DependencyResults
@@ -123,6 +124,9 @@ async def drain_async(
     if not app.executors:
         raise DispatcherError("drain: the app has no executors registered")
     async with _pool(dsn_or_pool) as pool:
+        async with pool.acquire() as conn:
+            # A schema never migrated (or behind) says so, not "relation does not exist".
+            await check_schema_current(conn, schema)
         return await _Drain(app, pool, schema).run(
             with_scheduled=options.get("with_scheduled", False),
             recursive=options.get("recursive", True),

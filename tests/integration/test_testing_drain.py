@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from dispatcher import App, AsyncClient, Client, Job, PermanentError, RetryPolicy, Snooze
-from dispatcher.core.errors import DispatcherError
+from dispatcher.core.errors import DispatcherError, SchemaNotReady
 from dispatcher.testing import Drained, drain, drain_async
 from tests.support.database import TestDatabase
 
@@ -177,6 +177,8 @@ async def test_types_narrow_the_drain_and_paused_types_wait(
 
     with pytest.raises(DispatcherError, match=r"no executor registered for 'd.nope'"):
         await drain_async(app, db.dsn, schema=db.schema, types=["d.nope"])
+    with pytest.raises(SchemaNotReady, match=r"schema 'never_migrated' is not migrated"):
+        await drain_async(app, db.dsn, schema="never_migrated")
 
 
 async def test_limits_hold_and_rounds_go_on_until_every_job_ran(
