@@ -73,6 +73,50 @@ def test_the_readme_example_passes_as_the_readme_shows(db: TestDatabase, tmp_pat
     ]
 
 
+ASYNC_USER_TEST = """
+import pytest
+
+from dispatcher import App, Job
+from dispatcher.testing import drain_async
+
+app = App()
+
+
+@app.executor("a.echo")
+async def echo(job: Job) -> dict:
+    return job.payload
+
+
+@pytest.fixture
+def dispatcher_app() -> App:  # the user's own fixture, instead of the ini setting
+    return app
+
+
+@pytest.mark.asyncio
+async def test_drained_from_an_async_test(dispatcher_client, dispatcher_database, dispatcher_app):
+    job = dispatcher_client.enqueue("a.echo", {"n": 1})
+    dsn, schema = dispatcher_database
+    drained = await drain_async(dispatcher_app, dsn, schema=schema)
+    assert (drained.completed, dispatcher_client.get(job.id).result) == (1, {"n": 1})
+
+
+def test_the_next_test_starts_empty(dispatcher_client):
+    assert dispatcher_client.list_jobs() == []
+    assert dispatcher_client.enqueue("a.echo").id == 1  # ids start at 1 again
+"""
+
+
+def test_an_async_test_drains_with_the_fixtures_as_the_readme_says(
+    db: TestDatabase, tmp_path: Path
+) -> None:
+    (tmp_path / "test_async_user.py").write_text(ASYNC_USER_TEST, encoding="utf-8")
+    ran = pytest_in(
+        tmp_path, ["-q", f"--dispatcher-schema={db.schema}"], DISPATCHER_TEST_DSN=db.dsn
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "2 passed" in ran.stdout
+
+
 def test_fixtures_say_what_they_are_missing(db: TestDatabase, tmp_path: Path) -> None:
     (tmp_path / "test_missing.py").write_text(
         "def test_client(dispatcher_client):\n    pass\n\n"
