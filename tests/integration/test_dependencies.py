@@ -11,9 +11,10 @@ open in transactions. The runs with replicas are in test_dependency_runs.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
@@ -29,6 +30,9 @@ from tests.integration.test_clients import CountingCursor
 from tests.integration.test_dashboard import dashboard, log_in  # noqa: F401  (a fixture)
 from tests.support.database import TestDatabase
 from tests.support.waiting import eventually
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 @pytest.fixture
@@ -286,22 +290,42 @@ async def test_a_job_inserted_after_its_dependency_failed_ends_at_once(
 # --- races: row locks, not timing ----------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def two_sessions(db: TestDatabase) -> AsyncIterator[tuple[asyncpg.Connection, ...]]:
+    first, second = await db.connect(), await db.connect()
+    try:
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def second_waits_for_first(
+    conn: asyncpg.Connection,
+    first: asyncpg.Connection,
+    held: Awaitable[T],
+    second: asyncpg.Connection,
+    blocked: Awaitable[U],
+) -> tuple[T, U]:
+    """Run ``held`` on ``first`` in a transaction left open, start ``blocked`` on
+    ``second`` and see it wait on a row lock (from ``conn``), commit; both results."""
+    transaction = first.transaction()
+    await transaction.start()
+    held_result = await held
+    waiting = asyncio.ensure_future(blocked)
+    await wait_blocked(conn, second)
+    await transaction.commit()
+    return held_result, await asyncio.wait_for(waiting, timeout=10)
+
+
 async def test_an_insert_waits_for_a_completion_in_flight_and_sees_it(
     db: TestDatabase, conn: asyncpg.Connection
 ) -> None:
     b = await insert(conn, db, "b")
-    ender, inserter = await db.connect(), await db.connect()
-    try:
-        transaction = ender.transaction()
-        await transaction.start()
-        await end(ender, db, b, "completed")  # not committed yet
-        inserting = asyncio.create_task(insert(inserter, db, "d", [b]))
-        await wait_blocked(conn, inserter)
-        await transaction.commit()
-        d = await asyncio.wait_for(inserting, timeout=10)
-    finally:
-        await ender.close()
-        await inserter.close()
+    async with two_sessions(db) as (ender, inserter):
+        _, d = await second_waits_for_first(
+            conn, ender, end(ender, db, b, "completed"), inserter, insert(inserter, db, "d", [b])
+        )
     assert await status(conn, db, d) == "pending"
 
 
@@ -309,18 +333,10 @@ async def test_a_completion_waits_for_an_insert_in_flight_and_releases_it(
     db: TestDatabase, conn: asyncpg.Connection
 ) -> None:
     b = await insert(conn, db, "b")
-    ender, inserter = await db.connect(), await db.connect()
-    try:
-        transaction = inserter.transaction()
-        await transaction.start()
-        d = await insert(inserter, db, "d", [b])  # not committed yet
-        ending = asyncio.create_task(end(ender, db, b, "completed"))
-        await wait_blocked(conn, ender)
-        await transaction.commit()
-        await asyncio.wait_for(ending, timeout=10)
-    finally:
-        await ender.close()
-        await inserter.close()
+    async with two_sessions(db) as (ender, inserter):
+        d, _ = await second_waits_for_first(
+            conn, inserter, insert(inserter, db, "d", [b]), ender, end(ender, db, b, "completed")
+        )
     assert await status(conn, db, d) == "pending"
 
 
@@ -328,18 +344,14 @@ async def test_an_insert_waits_for_a_failure_in_flight_and_ends_with_it(
     db: TestDatabase, conn: asyncpg.Connection
 ) -> None:
     b = await insert(conn, db, "b")
-    ender, inserter = await db.connect(), await db.connect()
-    try:
-        transaction = ender.transaction()
-        await transaction.start()
-        await end(ender, db, b, "failed", "boom")
-        inserting = asyncio.create_task(insert(inserter, db, "d", [b]))
-        await wait_blocked(conn, inserter)
-        await transaction.commit()
-        d = await asyncio.wait_for(inserting, timeout=10)
-    finally:
-        await ender.close()
-        await inserter.close()
+    async with two_sessions(db) as (ender, inserter):
+        _, d = await second_waits_for_first(
+            conn,
+            ender,
+            end(ender, db, b, "failed", "boom"),
+            inserter,
+            insert(inserter, db, "d", [b]),
+        )
     assert (await row(conn, db, d))["last_error"] == f"dependency {b} (b) failed: boom"
 
 
@@ -351,18 +363,10 @@ async def test_two_dependencies_ending_in_parallel_transactions_release_the_job(
     b = await insert(conn, db, "b")
     c = await insert(conn, db, "c")
     d = await insert(conn, db, "d", [b, c])
-    first, second = await db.connect(), await db.connect()
-    try:
-        transaction = first.transaction()
-        await transaction.start()
-        await end(first, db, b, "completed")
-        ending = asyncio.create_task(end(second, db, c, "completed"))
-        await wait_blocked(conn, second)
-        await transaction.commit()
-        await asyncio.wait_for(ending, timeout=10)
-    finally:
-        await first.close()
-        await second.close()
+    async with two_sessions(db) as (first, second):
+        await second_waits_for_first(
+            conn, first, end(first, db, b, "completed"), second, end(second, db, c, "completed")
+        )
     assert (await status(conn, db, d), await waiting_for(conn, db, d)) == ("pending", None)
 
 

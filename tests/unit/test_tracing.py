@@ -231,7 +231,7 @@ async def test_timeouts_snoozes_and_permanent_failures_end_their_spans_as_such(
     spans: InMemorySpanExporter,
 ) -> None:
     async def hang(job: Job) -> None:
-        await asyncio.sleep(10)
+        await asyncio.Event().wait()  # never set: only the timeout ends it
 
     async def later(job: Job) -> None:
         raise Snooze(30)
