@@ -160,6 +160,9 @@ async def test_rows_claimed_while_the_session_was_lost_are_handed_back_unrun(
     runs.release.set()
     runtime = await start_runtime(blocking_app(runs), stale_after=STALE_AFTER)
     conn = await db.connect()
+    # The wrapper below runs in the claim loop's task while the test polls on conn: a
+    # connection of its own, or the two collide ("another operation is in progress").
+    terminator = await db.connect()
     try:
         first_pid = await recorded_session(conn, db, runtime)
         session = runtime.session
@@ -178,7 +181,7 @@ async def test_rows_claimed_while_the_session_was_lost_are_handed_back_unrun(
             if rows and not crossed:
                 # The session ends while this claim's reply is on its way.
                 generation = session.generation
-                await conn.execute("SELECT pg_terminate_backend($1)", first_pid)
+                await terminator.execute("SELECT pg_terminate_backend($1)", first_pid)
                 await eventually(
                     lambda: asyncio.sleep(0, session.generation > generation),
                     timeout=10,
@@ -205,4 +208,5 @@ async def test_rows_claimed_while_the_session_was_lost_are_handed_back_unrun(
         assert row["attempts"] == 1 and row["errors"] == [], row
         assert await session_pid(conn, db, runtime.owner_id) != first_pid
     finally:
+        await terminator.close()
         await conn.close()
