@@ -26,6 +26,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from dispatcher.core.loop_histogram import LoopHistogram
+
 # The *_created series (a timestamp per counter) only double the scrape size.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -69,7 +71,7 @@ WAKEUP_SOURCES = (
     "reconnect", "hand_back", "handed_back", "session", "rescue",
 )  # fmt: skip
 
-M = TypeVar("M", Counter, Gauge, Histogram)
+M = TypeVar("M", Counter, Gauge, Histogram, LoopHistogram)
 
 
 class ByJobType(Generic[M]):
@@ -145,7 +147,7 @@ class Metrics:
             )
         )
         self.job_duration = by_type(
-            Histogram(
+            LoopHistogram(
                 "dispatcher_job_duration_seconds",
                 "Executor run time per attempt",
                 ["type"],
@@ -154,7 +156,7 @@ class Metrics:
             )
         )
         self.job_queue_wait = by_type(
-            Histogram(
+            LoopHistogram(
                 "dispatcher_job_queue_wait_seconds",
                 "Time from a job being due (run_at) to its start",
                 ["type"],
