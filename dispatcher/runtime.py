@@ -40,7 +40,7 @@ from dispatcher.core.retry import backoff_delay
 from dispatcher.core.schema import SchemaNames
 from dispatcher.core.version import VERSION
 from dispatcher.database.migrate import check_schema_current, migrate_at
-from dispatcher.database.pool import runtime_pool
+from dispatcher.database.pool import cycle_pool, runtime_pool
 from dispatcher.http.app import build_api
 from dispatcher.http.serving import HttpServer, listen
 from dispatcher.services.claiming import ClaimMode, LeaderClaims, WorkerClaims
@@ -109,6 +109,8 @@ class Runtime:
         self._tasks = _Tasks()
         self._stopping = False
         self._pool: asyncpg.Pool | None = None
+        # A slot's cycle planned once (None: on _pool; see database/pool.py).
+        self._cycle_pool: asyncpg.Pool | None = None
         self._http: HttpServer | None = None
         # The HTTP API; served by start() when serve_http, else reachable in-process.
         self.api = build_api(self, insecure_no_auth=insecure_no_auth)
@@ -147,6 +149,7 @@ class Runtime:
     async def _open_database(self) -> None:
         s = self.settings
         self._pool = await runtime_pool(self.dsn, s)
+        self._cycle_pool = await cycle_pool(self.dsn, s)
         if self._migrate:
             # Migrations hold a session advisory lock: on the session DSN, never through
             # a transaction pooler.
@@ -167,7 +170,7 @@ class Runtime:
         self.wakeup = Wakeup()
         self.slots = Slots(self.app.executors, wakeup=self.wakeup, metrics=metrics)
         self.completer = Completer(
-            pool, s.schema, self.owner_id, self.slots.release, metrics=metrics
+            self._cycle_pool or pool, s.schema, self.owner_id, self.slots.release, metrics=metrics
         )
         self.drain = Drain(
             self.slots,
@@ -204,6 +207,7 @@ class Runtime:
         )
         self.dispatcher = Dispatcher(
             pool=pool,
+            cycle_pool=self._cycle_pool,
             app=self.app,
             schema=s.schema,
             owner_id=self.owner_id,
@@ -431,14 +435,15 @@ class Runtime:
     async def _close(self) -> None:
         await self.registry.remove()
         await self.notifier.close()
-        if self._pool is not None:
-            try:
-                # close() waits for every borrowed connection; never wait forever.
-                async with asyncio.timeout(POOL_CLOSE_TIMEOUT):
-                    await self._pool.close()
-            except TimeoutError:
-                self.log.warning("pool_close_timed_out", after=POOL_CLOSE_TIMEOUT)
-                self._pool.terminate()
+        pools = [pool for pool in (self._cycle_pool, self._pool) if pool is not None]
+        try:
+            # close() waits for every borrowed connection; never wait forever.
+            async with asyncio.timeout(POOL_CLOSE_TIMEOUT):
+                await asyncio.gather(*(pool.close() for pool in pools))
+        except TimeoutError:
+            self.log.warning("pool_close_timed_out", after=POOL_CLOSE_TIMEOUT)
+            for pool in pools:
+                pool.terminate()
         self.threads.shutdown(wait=False, cancel_futures=True)
 
     async def run_until_signalled(self) -> None:

@@ -359,8 +359,8 @@ END
 -- "at", the claim's time) and capacity (type, free, max_attempts, timeout, hint, since,
 -- since_id) CTEs:
 -- pick due pending jobs within capacity, at most $5 in all, in priority, run_at, id
--- order (start_picked_jobs starts them for owner $2). max_attempts and timeout left
--- NULL on the row take capacity's. Due jobs are found priority by priority, so jobs
+-- order (start_picked_jobs starts them for owner $2, and gives max_attempts and timeout
+-- left NULL on the row capacity's). Due jobs are found priority by priority, so jobs
 -- scheduled later at a better priority are never walked.
 -- Per type, each priority its pending jobs have: a loose scan of the claim index (one
 -- probe per priority, however many jobs wait at it). It starts at hint, the best
@@ -385,7 +385,7 @@ priorities AS (
     WHERE p.priority IS NOT NULL
 ),
 picked AS MATERIALIZED (
-    SELECT j.id, capacity.max_attempts, capacity.timeout, fence.at
+    SELECT j.id
     FROM fence
     CROSS JOIN capacity
     CROSS JOIN LATERAL (
@@ -418,24 +418,37 @@ picked AS MATERIALIZED (
 )
 
 -- fragment: claim_due_jobs
--- pick_due_jobs, then start_picked_jobs: the tail both claims share.
-{{pick_due_jobs}}
-{{start_picked_jobs}}
+-- pick_due_jobs, then start_in_claim_order: the tail both claims share.
+{{pick_due_jobs}},
+{{start_in_claim_order}}
+
+-- fragment: start_in_claim_order
+-- start_picked_jobs (as the CTE started_jobs), and its rows in claim order (the UPDATE
+-- returns them in the order it finds them by id).
+started_jobs AS (
+    {{start_picked_jobs}}
+)
+SELECT * FROM started_jobs ORDER BY priority, run_at, id
 
 -- fragment: start_picked_jobs
--- Start pick_due_jobs' picked jobs for owner $2 under term $1 (NULL: none).
+-- Start pick_due_jobs' picked jobs for owner $2 under term $1 (NULL: none). The rows
+-- are probed by id (= ANY), not joined to picked, and take their type's defaults from
+-- capacity: a statement planned once (database/pool.py, cycle_pool) may be planned on
+-- statistics that make jobs look empty, and then a join walked the whole table once
+-- per claim (84,078 rows removed by its join filter to start 9 jobs).
 UPDATE {{schema}}.jobs j SET
     status = 'processing',
     attempts = j.attempts + 1,
-    started_at = picked.at,
-    heartbeat_at = picked.at,
+    started_at = (SELECT at FROM fence),
+    heartbeat_at = (SELECT at FROM fence),
     owner = $2,
     term = $1,
     progress = NULL,
-    max_attempts = coalesce(j.max_attempts, picked.max_attempts),
-    timeout = coalesce(j.timeout, picked.timeout)
-FROM picked
-WHERE j.id = picked.id
+    max_attempts = coalesce(
+        j.max_attempts, (SELECT c.max_attempts FROM capacity c WHERE c.type = j.type)
+    ),
+    timeout = coalesce(j.timeout, (SELECT c.timeout FROM capacity c WHERE c.type = j.type))
+WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING j.id, j.type, j.payload::text AS payload, j.attempts, j.max_attempts, j.timeout,
           greatest(extract(epoch FROM j.started_at - j.run_at), 0)::double precision AS waited,
           j.cancel_requested, j.priority, j.run_at, j.trace_context::text AS trace_context;
@@ -543,8 +556,8 @@ WITH RECURSIVE {{leader_fence}},
 key_limits AS (
     SELECT * FROM unnest($3::text[], $12::integer[]) AS k(type, key_limit)
 ),
-{{pick_keyed_jobs}}
-{{start_picked_jobs}};
+{{pick_keyed_jobs}},
+{{start_in_claim_order}};
 
 -- name: claim_keyed_jobs_worker
 -- claim_keyed_jobs in worker mode: claim_jobs_worker's $1 to $14 and key limit $15[i]
@@ -554,8 +567,8 @@ WITH RECURSIVE {{worker_fence}},
 key_limits AS (
     SELECT * FROM unnest($3::text[], $15::integer[]) AS k(type, key_limit)
 ),
-{{pick_keyed_jobs}}
-{{start_picked_jobs}};
+{{pick_keyed_jobs}},
+{{start_in_claim_order}};
 
 -- fragment: pick_keyed_jobs
 -- pick_due_jobs for keyed types, after fence, capacity and key_limits (type, key_limit)
@@ -637,7 +650,7 @@ candidates AS (
     ) due
 ),
 chosen AS (
-    SELECT x.id, c.max_attempts, c.timeout
+    SELECT x.id
     FROM keyed c
     CROSS JOIN LATERAL (
         SELECT cand.id, cand.priority, cand.run_at
@@ -652,7 +665,7 @@ chosen AS (
 -- Locked last, and only the chosen rows: a row someone holds (a cancel, a retry) is
 -- skipped, never waited for, and then no other job of its key is taken in its place.
 picked AS MATERIALIZED (
-    SELECT j.id, chosen.max_attempts, chosen.timeout, fence.at
+    SELECT j.id
     FROM fence
     CROSS JOIN chosen
     JOIN {{schema}}.jobs j ON j.id = chosen.id
@@ -741,9 +754,12 @@ started AS (
 written AS (
     {{write_outcomes+11}}
 )
-SELECT true AS claimed, id, type, payload, attempts, max_attempts, timeout, waited,
-       cancel_requested, priority, run_at, trace_context, NULL::text AS status
-FROM started
+(
+    SELECT true AS claimed, id, type, payload, attempts, max_attempts, timeout, waited,
+           cancel_requested, priority, run_at, trace_context, NULL::text AS status
+    FROM started
+    ORDER BY priority, run_at, id  -- claim order (see start_in_claim_order)
+)
 UNION ALL
 SELECT false, id, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL, NULL, status
 FROM written;

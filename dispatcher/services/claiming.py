@@ -76,6 +76,11 @@ class ClaimRequest:
             key_limits=[self.key_limits[i] for i in indexes],
         )
 
+    @property
+    def keyed(self) -> bool:
+        """Whether some type of this claim has a key limit."""
+        return any(limit is not None for limit in self.key_limits)
+
     def split_keyed(self) -> tuple[ClaimRequest | None, ClaimRequest | None]:
         """(the types without a key limit, the types with one); None where none."""
         keyed = [i for i, limit in enumerate(self.key_limits) if limit is not None]
@@ -90,6 +95,10 @@ class ClaimMode(Protocol):
 
     # Whether claim_completing may be used.
     completes_in_claims: bool
+    # Whether its claims of unkeyed types may run on the cycle pool, where statements
+    # are planned once (database/pool.py): claim_jobs and complete_and_claim_jobs are
+    # written for it; the keyed and worker claims read counts best planned per run.
+    claims_planned_once: bool
 
     def started(self) -> bool:
         """The replica started: claim from now on?"""
@@ -147,6 +156,7 @@ class LeaderClaims:
     """Only the leader claims, under its term (see the module docstring)."""
 
     completes_in_claims = True
+    claims_planned_once = True
 
     def __init__(
         self, app: App, queries: Queries, owner_id: str, is_leader: Callable[[], bool]
@@ -255,6 +265,7 @@ class WorkerClaims:
     """Every replica claims while it runs (see the module docstring)."""
 
     completes_in_claims = False
+    claims_planned_once = False
 
     def __init__(
         self, app: App, queries: Queries, schema: str, can_claim: Callable[[], bool]

@@ -84,6 +84,7 @@ class Dispatcher:
         self,
         *,
         pool: asyncpg.Pool,
+        cycle_pool: asyncpg.Pool | None = None,
         app: App,
         schema: str,
         owner_id: str,
@@ -103,8 +104,10 @@ class Dispatcher:
         dependencies: DependencyReader | None = None,
         otel: str = "false",
     ) -> None:
-        """``otel``: the setting that decides, each time claiming starts, whether each
-        attempt runs in a span (:func:`dispatcher.core.tracing.attempt_tracer`)."""
+        """``cycle_pool``: where the claims the mode plans once run (None: ``pool``;
+        see :func:`dispatcher.database.pool.cycle_pool`). ``otel``: the setting that
+        decides, each time claiming starts, whether each attempt runs in a span
+        (:func:`dispatcher.core.tracing.attempt_tracer`)."""
         self.app = app
         self.owner_id = owner_id
         self.mode = mode
@@ -113,6 +116,7 @@ class Dispatcher:
         self.wakeup = wakeup
         self._deliver = deliver
         self._pool = pool
+        self._cycle_pool = cycle_pool or pool
         self._queries = queries_for(schema)
         self._threads = threads
         self._poll_interval = poll_interval
@@ -306,7 +310,8 @@ class Dispatcher:
         # start attempts the reaper may have rescued meanwhile.
         start_by = time.monotonic() + self._start_within
         # Bounded, release included: a step-down waits for this under the claim lock.
-        async with self._pool.acquire(timeout=self._claim_timeout) as conn:
+        pool = self._pool if request.keyed else self._claims_pool
+        async with pool.acquire(timeout=self._claim_timeout) as conn:
             rows = await self.mode.claim(conn, request)
         return self._start_claimed(rows, request, generation, start_by, limited)
 
@@ -374,7 +379,7 @@ class Dispatcher:
         start_by = time.monotonic() + self._start_within
         async with self._claim_lock:
             try:
-                async with self._pool.acquire(timeout=self._claim_timeout) as conn:
+                async with self._claims_pool.acquire(timeout=self._claim_timeout) as conn:
                     rows = await self.mode.claim_completing(
                         conn, request, outcome_arguments(self.owner_id, batch)
                     )
@@ -402,6 +407,11 @@ class Dispatcher:
                 self._log.exception("claim_start_failed", error=describe(exc))
                 self.wake("hand_back")
         return written
+
+    @property
+    def _claims_pool(self) -> asyncpg.Pool:
+        """Where claims of unkeyed types run: the cycle pool if the mode plans them once."""
+        return self._cycle_pool if self.mode.claims_planned_once else self._pool
 
     def _request(self, freeing: Counter[str] | None = None) -> tuple[ClaimRequest | None, bool]:
         """The next claim (None: nothing may be claimed now), and whether a limit held
