@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -111,7 +112,9 @@ async def test_hostile_rows_and_fuzzed_requests_harm_no_good_job(
         fuzz = await asyncio.to_thread(
             subprocess.run,
             [
-                sys.executable, "-m", "schemathesis.cli", "run",
+                sys.executable, "-m", "schemathesis.cli",
+                "--config-file", str(Path(__file__).with_name("schemathesis.toml")),
+                "run",
                 f"http://127.0.0.1:{replicas[0].port}/openapi.json",
                 "-H", f"Authorization: Bearer {TOKEN}",
                 "--checks", "not_a_server_error",
