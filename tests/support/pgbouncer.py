@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 from psycopg.conninfo import conninfo_to_dict
 
+from tests.support.processes import free_port
 from tests.support.system_packages import missing_package
 from tests.support.waiting import eventually_sync
 
@@ -71,13 +72,6 @@ class PgBouncer:
     def log_tail(self, lines: int = 30) -> str:
         text = self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _accepts(port: int) -> bool:
@@ -136,7 +130,7 @@ def running_pgbouncer(
     auth_file = folder / "userlist.txt"
     # auth_type=trust still needs the user listed; the password is not checked.
     auth_file.write_text(f'"{user}" ""\n', encoding="utf-8")
-    port = _free_port()
+    port = free_port()
     config = folder / "pgbouncer.ini"
     text = config_text(
         server_dsn, port=port, auth_file=auth_file, pool_mode=pool_mode, ignored=ignored

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,8 @@ from typing import Any
 import asyncpg
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from dispatcher.database.ports import free_listen_port
 
 
 async def leader_name(conn: asyncpg.Connection, schema: str) -> str | None:
@@ -39,10 +40,9 @@ async def start_replicas(
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port for a server a test may restart on it: below the ephemeral range, where
+    no client's connection can take it while the server is down."""
+    return free_listen_port()
 
 
 class ChildProcess:
