@@ -30,7 +30,7 @@ from typing import Any
 import asyncpg
 
 from dispatcher.core.app import App
-from dispatcher.core.cancellation import awaiting, cancel_and_wait
+from dispatcher.core.cancellation import awaiting, cancel_and_wait, raise_if_cancel_requested
 from dispatcher.core.config import Settings
 from dispatcher.core.database_errors import describe
 from dispatcher.core.log import get_logger
@@ -400,7 +400,11 @@ class Runtime:
     async def _report_stuck_shutdown(self, after: float) -> None:
         """A shutdown this slow is a bug: log where every task is waiting."""
         await asyncio.sleep(after)
-        stacks = {task.get_name(): awaiting(task) for task in asyncio.all_tasks()}
+        stacks: dict[str, list[str]] = {}
+        for task in asyncio.all_tasks():
+            # Two tasks of one name (a claim loop and its successor) must both show.
+            name = task.get_name()
+            stacks[f"{name} #{id(task):x}" if name in stacks else name] = awaiting(task)
         self.log.error("shutdown_stuck", after=after, tasks=stacks)
 
     async def _stop_claiming(self) -> None:
@@ -521,6 +525,7 @@ class Runtime:
                 except asyncio.CancelledError:
                     raise
                 except Exception:
+                    raise_if_cancel_requested()
                     restarts += 1
                     self.log.exception("service_crashed", service=name, restarts=restarts)
                     await asyncio.sleep(backoff_delay(restarts, 0.1, 5.0))

@@ -12,7 +12,9 @@ Likewise ``task.cancel(); with suppress(CancelledError): await task`` swallows t
 silently stops applying. :func:`cancel_and_wait` waits with ``asyncio.wait``, which
 never raises the tasks' errors and always raises the caller's own cancellation.
 
-When a wait hangs all the same, :func:`awaiting` says where each task is suspended.
+A loop that catches Exception to retry calls :func:`raise_if_cancel_requested` first:
+a cancellation some library turned into an ordinary error still ends it. When a wait
+hangs all the same, :func:`awaiting` says where each task is suspended.
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from typing import Any
+
+
+def raise_if_cancel_requested() -> None:
+    """Raise CancelledError if the current task was asked to stop, for a loop that
+    caught Exception: a library may turn the cancellation into an ordinary error on
+    its way up (asyncpg's pool did; dispatcher.database.pool.Pool undoes that one), and
+    a loop that retried would run on while its canceller waits for it for good."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
 
 
 async def wait_for_event(event: asyncio.Event, timeout: float | None) -> bool:

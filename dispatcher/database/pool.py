@@ -3,9 +3,11 @@ transaction pooler or not."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
+import asyncpg.pool
 
 from dispatcher.core.config import Settings
 from dispatcher.core.errors import DispatcherError
@@ -22,6 +24,52 @@ CYCLE_PLANNING = {
     "enable_nestloop": "off",
     "jit": "off",
 }
+
+
+class Pool(asyncpg.pool.Pool):  # type: ignore[misc]  # asyncpg ships no types
+    """asyncpg's pool, through which a cancellation always arrives.
+
+    A task cancelled while its connection is being lost can see ``release()`` raise
+    InternalClientError ("called on a free connection holder": the lost connection's
+    cleanup freed the holder first). Raised in ``async with pool.acquire()``'s exit, it
+    replaces the CancelledError in flight, and a loop that catches Exception runs on
+    though it was told to stop (seen: a deposed leader's claim loop kept claiming and
+    its step-down, waiting for it, never ended). With asyncpg 0.32 one cancellation in
+    six or seven was lost that way when sent just as the server ended the connection's
+    session (tests/integration/test_lost_cancellations.py). Here that error becomes the
+    cancellation it hid.
+    """
+
+    async def release(self, connection: Any, *, timeout: float | None = None) -> None:
+        try:
+            await super().release(connection, timeout=timeout)
+        except Exception as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError() from exc
+            raise
+
+
+# What asyncpg.create_pool passes when not told; it takes no pool class, so ours is
+# built directly.
+CREATE_POOL_DEFAULTS: dict[str, Any] = {
+    "min_size": 10,
+    "max_size": 10,
+    "max_queries": 50000,
+    "max_inactive_connection_lifetime": 300.0,
+    "setup": None,
+    "init": None,
+    "reset": None,
+    "loop": None,
+    "connection_class": asyncpg.Connection,
+    "record_class": asyncpg.Record,
+}
+
+
+async def create_pool(dsn: str, **options: Any) -> asyncpg.Pool:
+    """``asyncpg.create_pool(dsn, **options)``, as a :class:`Pool`."""
+    pool: asyncpg.Pool = await Pool(dsn, **{**CREATE_POOL_DEFAULTS, **options})
+    return pool
 
 
 async def runtime_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
@@ -72,7 +120,7 @@ async def cycle_pool(dsn: str, settings: Settings) -> asyncpg.Pool | None:
 
 async def _pool(dsn: str, max_size: int, planning: dict[str, str], **options: Any) -> asyncpg.Pool:
     try:
-        pool: asyncpg.Pool = await asyncpg.create_pool(
+        pool = await create_pool(
             dsn,
             min_size=1,
             max_size=max_size,

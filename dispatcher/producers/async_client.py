@@ -15,6 +15,7 @@ import asyncpg
 
 from dispatcher.core.records import BulkOptions, EnqueueOptions, JobRecord, new_job_values
 from dispatcher.core.schema import DEFAULT_SCHEMA, validate_schema_name
+from dispatcher.database.pool import create_pool
 from dispatcher.producers.graphs import enqueue_graph_plan, prepare_graph
 from dispatcher.producers.plans import (
     ClusterStatus,
@@ -69,7 +70,7 @@ class AsyncClient:
         your own, create that pool with ``statement_cache_size=0``.
         """
         options: dict[str, Any] = {} if prepared_statements else {"statement_cache_size": 0}
-        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, **options)
+        pool = await create_pool(dsn, min_size=min_size, max_size=max_size, **options)
         client = cls(pool=pool, schema=schema)
         client._owns_pool = True
         return client

@@ -40,7 +40,7 @@ from typing import Protocol
 import asyncpg
 
 from dispatcher.core.app import App
-from dispatcher.core.cancellation import cancel_and_wait
+from dispatcher.core.cancellation import cancel_and_wait, raise_if_cancel_requested
 from dispatcher.core.database_errors import describe, is_transient
 from dispatcher.core.log import get_logger
 from dispatcher.core.metrics import Metrics, Service
@@ -212,6 +212,7 @@ class Dispatcher:
                 self.preparing_failed = None
                 break
             except Exception as exc:
+                raise_if_cancel_requested()
                 failures += 1
                 self.preparing_failed = f"the claim loop cannot start: {describe(exc)}"
                 self._log.warning("claim_prepare_failed", error=describe(exc))
@@ -229,6 +230,7 @@ class Dispatcher:
                 await self._claim_until_done()
                 failures = 0
             except Exception as exc:
+                raise_if_cancel_requested()
                 if not is_transient(exc):
                     self._log.exception("claim_failed", error=describe(exc))
                 else:

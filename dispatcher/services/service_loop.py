@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
+from dispatcher.core.cancellation import raise_if_cancel_requested
 from dispatcher.core.database_errors import describe
 from dispatcher.core.log import Logger
 from dispatcher.core.metrics import Metrics, Service
@@ -34,6 +35,7 @@ async def guarded(
         async with asyncio.timeout(timeout):
             await step()
     except Exception as exc:
+        raise_if_cancel_requested()
         metrics.database_errors.labels(service).inc()
         log.warning(failed, error=describe(exc))
         return False

@@ -32,6 +32,7 @@ from dispatcher.core.queries import queries_for
 from dispatcher.core.schema import DEFAULT_SCHEMA, validate_schema_name
 from dispatcher.core.version import VERSION
 from dispatcher.database.migrate import check_schema_current
+from dispatcher.database.pool import create_pool
 from dispatcher.services.claiming import WorkerClaims
 from dispatcher.services.completer import Completer
 from dispatcher.services.dependencies import DependencyResults
@@ -82,7 +83,7 @@ def _only(app: App, types: Iterable[str] | None) -> App:
 @contextlib.asynccontextmanager
 async def _pool(dsn_or_pool: str | asyncpg.Pool) -> AsyncIterator[asyncpg.Pool]:
     if isinstance(dsn_or_pool, str):
-        pool = await asyncpg.create_pool(dsn_or_pool, min_size=1, max_size=4)
+        pool = await create_pool(dsn_or_pool, min_size=1, max_size=4)
         try:
             yield pool
         finally:

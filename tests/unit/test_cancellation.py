@@ -6,7 +6,16 @@ import asyncio
 
 import pytest
 
-from dispatcher.core.cancellation import awaiting, cancel_and_wait, wait_for_event
+from dispatcher.core.cancellation import (
+    awaiting,
+    cancel_and_wait,
+    raise_if_cancel_requested,
+    wait_for_event,
+)
+from dispatcher.core.log import get_logger
+from dispatcher.core.metrics import Metrics, Service
+from dispatcher.services.service_loop import run_every
+from tests.support.lost_cancellation import converts_its_cancellation
 from tests.support.waiting import eventually
 
 
@@ -94,3 +103,47 @@ async def test_awaiting_follows_the_await_chain_of_a_suspended_task() -> None:
     event.set()
     await task
     assert names[:3] == ["outer", "inner", "wait_for_event"]
+
+
+async def test_a_periodic_service_whose_cancellation_was_lost_stops() -> None:
+    entered = asyncio.Event()
+    metrics = Metrics()
+    loop = asyncio.create_task(
+        run_every(
+            converts_its_cancellation(entered),
+            0.01,
+            service=Service.REAPER,
+            metrics=metrics,
+            log=get_logger("test"),
+            failed="step_failed",
+        )
+    )
+    await asyncio.wait_for(entered.wait(), 10)
+    try:
+        await asyncio.wait_for(cancel_and_wait([loop]), 10)
+    except TimeoutError:
+        raise AssertionError("the periodic loop ran on after its cancellation") from None
+    assert loop.cancelled()
+
+
+async def test_raise_if_cancel_requested_raises_only_once_a_cancel_was_asked() -> None:
+    asked = asyncio.Event()
+    seen: list[str] = []
+
+    async def loop_that_catches_everything() -> None:
+        raise_if_cancel_requested()
+        seen.append("not asked yet")
+        asked.set()
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except BaseException:
+                seen.append("caught")  # a cancellation swallowed, as a library might
+            raise_if_cancel_requested()
+
+    task = asyncio.create_task(loop_that_catches_everything())
+    await asked.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == ["not asked yet", "caught"]
