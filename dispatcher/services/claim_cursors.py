@@ -81,9 +81,9 @@ class ClaimCursors:
             for type_ in types:
                 self._since.pop(type_, None)
 
-    def woken(self, source: str) -> None:
-        """The claim loop woke for ``source``: most wake-ups scan from the start."""
-        if source not in KEEP_CURSORS_ON:
+    def woken(self, sources: Iterable[str]) -> None:
+        """The claim loop woke for ``sources``: most wake-ups scan from the start."""
+        if not KEEP_CURSORS_ON.issuperset(sources):
             self.forget()
 
     def heard(self, payload: str) -> None:

@@ -75,6 +75,9 @@ CLAIM_BATCH_MIN = 100
 # A claim statement slower than this is abandoned (its outcome is then unknown, and
 # the rows it may have taken are handed back before the next claim).
 CLAIM_TIMEOUT = 10.0
+# Wake-ups after which the paused types are read again: the poll tick, a control
+# NOTIFY (pause, resume), a reconnect (which may have lost one).
+REREAD_PAUSED_ON = frozenset({"poll", "control", "reconnect"})
 
 
 class Dispatcher:
@@ -219,13 +222,13 @@ class Dispatcher:
                 await asyncio.sleep(backoff_delay(failures, 0.05, self._poll_interval))
         failures = 0
         while True:
-            source = await self.wakeup.wait(self._poll_interval)
-            self._metrics.wakeups.labels(source).inc()
-            self.cursors.woken(source)
+            woken = await self.wakeup.wait(self._poll_interval)
+            self._metrics.wakeups.labels(woken.source).inc()
+            self.cursors.woken(woken.sources)
             try:
                 if self._unsure:
                     await self.hand_back_unheld()
-                if source in ("poll", "control", "reconnect"):
+                if not woken.sources.isdisjoint(REREAD_PAUSED_ON):
                     await self.refresh_paused()
                 await self._claim_until_done()
                 failures = 0

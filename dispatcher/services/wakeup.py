@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import NamedTuple
 
 from dispatcher.core.cancellation import wait_for_event
+
+
+class Woken(NamedTuple):
+    """Why the claim loop woke: the last reason given (one per pass, for the wake-ups
+    metric) and every reason given since it last woke (what the pass must honour: a
+    control notification followed by a freed slot still re-reads the paused types)."""
+
+    source: str
+    sources: frozenset[str]
 
 
 class Wakeup:
@@ -20,6 +30,7 @@ class Wakeup:
     def __init__(self) -> None:
         self._event = asyncio.Event()
         self._source = "start"
+        self._sources: set[str] = set()
         self._due_at: float | None = None  # monotonic
         # Set by the claim loop while its last claim was cut short by capacity: only
         # then is a freed slot worth a claim.
@@ -28,6 +39,7 @@ class Wakeup:
     def wake(self, source: str) -> None:
         """Look for work now."""
         self._source = source
+        self._sources.add(source)
         self._event.set()
 
     def slot_freed(self) -> None:
@@ -55,19 +67,21 @@ class Wakeup:
     def next_due(self) -> float | None:
         return self._due_at
 
-    async def wait(self, poll_interval: float) -> str:
-        """Wait for a wake-up, the due time or ``poll_interval``; return the reason.
+    async def wait(self, poll_interval: float) -> Woken:
+        """Wait for a wake-up, the due time or ``poll_interval``; return the reasons.
 
         A due time that has passed is consumed (the pass that follows sets the next)."""
         timeout = poll_interval
         if self._due_at is not None:
             timeout = max(0.0, min(timeout, self._due_at - time.monotonic()))
         if await wait_for_event(self._event, timeout):
-            source = self._source
+            woken = Woken(self._source, frozenset(self._sources))
         else:
             due = self._due_at is not None and self._due_at <= time.monotonic()
             source = "timer" if due else "poll"
+            woken = Woken(source, frozenset({source}))
         if self._due_at is not None and self._due_at <= time.monotonic():
             self._due_at = None
         self._event.clear()
-        return source
+        self._sources.clear()
+        return woken
