@@ -174,7 +174,7 @@ async def test_a_row_locked_by_another_session_delays_nothing_else(
         locked_at = time.time()
 
         async def locked_job_ran_out() -> bool:
-            runs = await fetch_runs(conn, db.schema)
+            runs = await log.written_runs(conn)
             return any(r.job_id == locked_id and r.ended_at is not None for r in runs)
 
         await eventually(locked_job_ran_out, timeout=10, what="the locked job's run to end")
@@ -215,7 +215,7 @@ async def test_a_row_locked_by_another_session_delays_nothing_else(
             f"extract(epoch FROM finished_at)::float8 AS finished FROM {db.jobs}"
         )
         await idle(runtime)
-        runs = await fetch_runs(conn, db.schema)
+        runs = await log.written_runs(conn)
     finally:
         await stranger.close()
         await conn.close()
@@ -289,7 +289,7 @@ async def test_a_late_outcome_never_frees_a_newer_attempt_of_the_same_job(
         assert [status for _, _, status in await reaper.rescue_stale()] == ["pending"]
         row = await wait_status(conn, db, job_id, "completed", timeout=30)
         await idle(runtime)
-        runs = await fetch_runs(conn, db.schema)
+        runs = await log.written_runs(conn)
     finally:
         await conn.close()
     assert row["attempts"] == 2, "attempt 2 was never rescued: its heartbeat went on"
@@ -369,7 +369,7 @@ async def test_a_replica_stopped_with_a_claim_reply_in_flight_starts_its_rows(
             f"SELECT count(*) FROM {db.jobs} WHERE status = 'processing' AND owner = $1",
             runtime.owner_id,
         )
-        runs = await fetch_runs(conn, db.schema)
+        runs = await log.written_runs(conn)
     finally:
         await conn.close()
     assert left == 0, "no row may stay processing under the stopped replica"
@@ -396,7 +396,7 @@ async def test_a_claim_whose_reply_is_lost_is_handed_back_at_once(
             f"SELECT status, attempts, errors FROM {db.jobs} WHERE id = ANY($1)", ids
         )
         await idle(runtime)
-        runs = await fetch_runs(conn, db.schema)
+        runs = await log.written_runs(conn)
     finally:
         await conn.close()
         await runtime.stop()
@@ -433,7 +433,7 @@ async def test_a_claim_reply_read_after_the_rows_were_rescued_starts_nothing(
         proxy.release_replies()
         await wait_until_all_ended(conn, db, timeout=20)
         await idle(runtime)
-        runs = await fetch_runs(conn, db.schema)
+        runs = await log.written_runs(conn)
     finally:
         await conn.close()
         await runtime.stop()
@@ -455,7 +455,7 @@ async def test_worker_mode_stop_with_a_claim_reply_in_flight_starts_its_rows(
         proxy.release_replies()
         await asyncio.wait_for(stopping, 60)
         rows = await conn.fetch(f"SELECT status, attempts FROM {db.jobs} WHERE id = ANY($1)", ids)
-        runs = await fetch_runs(conn, db.schema)
+        runs = await log.written_runs(conn)
     finally:
         await conn.close()
     assert [(r["status"], r["attempts"]) for r in rows] == [("completed", 1)] * len(ids)
@@ -477,7 +477,7 @@ async def test_a_thread_past_its_timeout_keeps_its_attempt_live_until_it_returns
         (job_id,) = await insert(conn, db, "g.stubborn", [{"seconds": 1.5}])
         row = await wait_status(conn, db, job_id, "failed", timeout=20)
         await idle(runtime)
-        runs = await fetch_runs(conn, db.schema)
+        runs = await log.written_runs(conn)
     finally:
         await conn.close()
     errors = json.loads(row["errors"])
@@ -511,7 +511,7 @@ async def test_shutdown_hands_a_threads_job_back_only_once_the_thread_returned(
         await first.stop()
         row = await wait_status(conn, db, job_id, "completed", timeout=20)
         await idle(second)
-        runs = await fetch_runs(conn, db.schema)
+        runs = await log.written_runs(conn)
     finally:
         await conn.close()
     assert first.drained is True
@@ -545,7 +545,7 @@ async def test_a_strangers_cancel_notify_cancels_nothing(
             await stranger.close()
         row = await wait_status(conn, db, job_id, "completed", timeout=10)
         await idle(runtime)
-        runs = await fetch_runs(conn, db.schema)
+        runs = await log.written_runs(conn)
     finally:
         await conn.execute(f"DROP ROLE {role}")
         await conn.close()

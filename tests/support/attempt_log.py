@@ -45,6 +45,7 @@ class AttemptLog:
 
     def __init__(self, dsn: str, schema: str, replica: str) -> None:
         self.dsn = dsn
+        self.schema = schema
         self.table = f'"{schema}".attempts_log'
         self.replica = replica
         self.pool: asyncpg.Pool | None = None
@@ -113,6 +114,13 @@ class AttemptLog:
                 outcome,
             )
             self.ends.task_done()
+
+    async def written_runs(self, conn: asyncpg.Connection) -> list[Run]:
+        """Every run in the table, once every end recorded so far is written: ends are
+        written in the background, so a job's row may say completed before its run's
+        end is in the table."""
+        await asyncio.wait_for(self.ends.join(), 30)
+        return await fetch_runs(conn, self.schema)
 
     async def stop(self) -> None:
         with contextlib.suppress(TimeoutError):
