@@ -34,6 +34,9 @@ SUPERUSER = "postgres"
 DATABASE = "postgres"
 # Postgres refuses to run as root; as root we run it as this system user.
 SYSTEM_USER = "embedded_postgres"
+# pg_ctl status: 0 running, 3 not running; anything else (4: no accessible data
+# directory, 1: an unreadable postmaster.pid) says nothing of the server.
+PG_CTL_NOT_RUNNING = 3
 
 
 def _library() -> Any:
@@ -98,12 +101,21 @@ class EmbeddedPostgres:
         return self.dsn()
 
     def is_running(self) -> bool:
+        """Whether the server runs; raises EmbeddedPostgresUnavailable when that cannot
+        be told (a stop() that took "cannot tell" for "not running" would leave the
+        server up, and the start() after it would find its port taken)."""
         if not (self.pgdata / "postmaster.pid").exists():
             return False
         try:
             self._pg_ctl(["status"])
-        except subprocess.CalledProcessError:
-            return False
+        except subprocess.CalledProcessError as exc:
+            if exc.returncode == PG_CTL_NOT_RUNNING:
+                return False
+            raise EmbeddedPostgresUnavailable(
+                f"cannot tell whether the embedded PostgreSQL under {self.home} runs: "
+                f"pg_ctl status exited {exc.returncode}, not {PG_CTL_NOT_RUNNING} (not "
+                f"running); can {self._run_as or 'this user'} still read {self.pgdata}?"
+            ) from exc
         return True
 
     def stop(self, mode: str = "fast") -> None:

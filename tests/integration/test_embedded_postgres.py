@@ -66,3 +66,18 @@ def test_a_fresh_start_moves_off_a_taken_port(tmp_path: Path) -> None:
         with client_connection_from(port):
             EmbeddedPostgres(tmp_path / "pg").ensure_running()
             assert server.port != port and server.is_running()
+
+
+def test_a_server_whose_state_cannot_be_read_is_not_taken_for_stopped(tmp_path: Path) -> None:
+    """A CI run's stop() did nothing when pg_ctl status could not read the data
+    directory (its parent's mode had changed): the server stayed up, and the restart
+    after it found the port taken."""
+    with private_postgres(tmp_path / "pg") as server:
+        mode = server.pgdata.stat().st_mode
+        server.pgdata.chmod(0)  # briefly: the running server reads it too
+        try:
+            with pytest.raises(EmbeddedPostgresUnavailable, match="cannot tell whether"):
+                server.is_running()
+        finally:
+            server.pgdata.chmod(mode)
+        assert server.is_running()
