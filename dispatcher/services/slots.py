@@ -38,7 +38,9 @@ class Slots:
         self._wakeup = wakeup
         self._attempts: dict[Attempt, None] = {}  # insertion-ordered set
         self._running: Counter[str] = Counter()
-        self._job_ids: Counter[int] = Counter()
+        # Held attempts per job id; ids with none are absent (a Counter's miss runs
+        # Python code, and every claimed row asks).
+        self._job_ids: dict[int, int] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._gauges: dict[str, Any] = {t: metrics.jobs_running.labels(t) for t in types}
@@ -64,11 +66,11 @@ class Slots:
 
     def holds_job(self, job_id: int) -> bool:
         """Whether some attempt of job ``job_id`` is held here."""
-        return self._job_ids[job_id] > 0
+        return job_id in self._job_ids
 
     def of_job(self, job_id: int) -> list[Attempt]:
         """The held attempts of job ``job_id`` (usually none or one)."""
-        if not self.holds_job(job_id):
+        if job_id not in self._job_ids:
             return []
         return [attempt for attempt in self._attempts if attempt.job.id == job_id]
 
@@ -91,9 +93,11 @@ class Slots:
     def add(self, attempts: list[Attempt]) -> None:
         """Hold just-claimed attempts (one claim's worth)."""
         added: Counter[str] = Counter()
+        job_ids = self._job_ids
         for attempt in attempts:
             self._attempts[attempt] = None
-            self._job_ids[attempt.job.id] += 1
+            job_id = attempt.job.id
+            job_ids[job_id] = job_ids.get(job_id, 0) + 1
             added[attempt.job.type] += 1
         # Per type, not per job: a metric update takes a lock each.
         for type_, count in added.items():
