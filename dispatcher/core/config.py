@@ -195,6 +195,12 @@ class Settings:
     )
     lease: float = _setting(10.0, parse_duration, "how long a leader's lease lasts unrenewed")
     poll_interval: float = _setting(1.0, parse_duration, "claim poll tick when no NOTIFY comes")
+    gc_threshold: int = _setting(
+        50_000,
+        parse_positive_int,
+        "`dispatcher run` collects Python's youngest garbage generation every this many "
+        "net allocations (Python's default: 700); see docs/performance.md",
+    )
     concurrency: int | None = _setting(
         None, parse_positive_int, "global limit of running jobs (overrides the app's)"
     )
