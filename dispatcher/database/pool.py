@@ -4,6 +4,7 @@ transaction pooler or not."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any
 
 import asyncpg
@@ -34,10 +35,10 @@ class Pool(asyncpg.pool.Pool):  # type: ignore[misc]  # asyncpg ships no types
     cleanup freed the holder first). Raised in ``async with pool.acquire()``'s exit, it
     replaces the CancelledError in flight, and a loop that catches Exception runs on
     though it was told to stop (seen: a deposed leader's claim loop kept claiming and
-    its step-down, waiting for it, never ended). With asyncpg 0.32 one cancellation in
-    six or seven was lost that way when sent just as the server ended the connection's
-    session (tests/integration/test_lost_cancellations.py). Here that error becomes the
-    cancellation it hid.
+    its step-down, waiting for it, never ended). With asyncpg 0.32, racing cancellations
+    against pg_terminate_backend lost one in six that way on a busy machine, none on a
+    quiet one. Here that error becomes the cancellation it hid
+    (tests/integration/test_lost_cancellations.py injects it where asyncpg raised it).
     """
 
     async def release(self, connection: Any, *, timeout: float | None = None) -> None:
@@ -50,25 +51,17 @@ class Pool(asyncpg.pool.Pool):  # type: ignore[misc]  # asyncpg ships no types
             raise
 
 
-# What asyncpg.create_pool passes when not told; it takes no pool class, so ours is
-# built directly.
-CREATE_POOL_DEFAULTS: dict[str, Any] = {
-    "min_size": 10,
-    "max_size": 10,
-    "max_queries": 50000,
-    "max_inactive_connection_lifetime": 300.0,
-    "setup": None,
-    "init": None,
-    "reset": None,
-    "loop": None,
-    "connection_class": asyncpg.Connection,
-    "record_class": asyncpg.Record,
-}
+def _create_pool_defaults() -> dict[str, Any]:
+    """What asyncpg.create_pool passes to its Pool when not told (it takes no pool
+    class, so ours is built directly), read from its signature: whatever this asyncpg
+    version's defaults are."""
+    parameters = inspect.signature(asyncpg.create_pool).parameters.values()
+    return {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY}
 
 
 async def create_pool(dsn: str, **options: Any) -> asyncpg.Pool:
     """``asyncpg.create_pool(dsn, **options)``, as a :class:`Pool`."""
-    pool: asyncpg.Pool = await Pool(dsn, **{**CREATE_POOL_DEFAULTS, **options})
+    pool: asyncpg.Pool = await Pool(dsn, **{**_create_pool_defaults(), **options})
     return pool
 
 
