@@ -6,10 +6,12 @@ payloads serialized by json.dumps; the client also reserves ids (so it can retur
 them) and validates its input.
 
 Each round times both on fresh schemas, back to back, in alternating order (raw first
-in even rounds); the figure is the median of the rounds' own ratios. A ratio of two
-writes seconds apart moves far less than either rate on this shared machine: best of
-three of each, the earlier method, gave 65% to 88% for the same commit, because
-each side's best came from whichever minute was quiet.
+in even rounds); the figure is the median of the rounds' own ratios, printed with
+them. Each ratio compares two writes made seconds apart, where best of three of each
+side (the earlier method) could pair one side's quietest minute with the other's
+worst. On this shared machine neither method is steady: for one commit the earlier
+one gave 65% to 88% and this one medians of 68% to 88% (single rounds 63% to 100%),
+so the rounds are printed to show the spread.
 
     python -m bench.bulk_enqueue [--jobs 100000] [--rounds 5]
 """
