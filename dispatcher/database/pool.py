@@ -3,13 +3,13 @@ transaction pooler or not."""
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from typing import Any
 
 import asyncpg
 import asyncpg.pool
 
+from dispatcher.core.cancellation import raise_if_cancel_requested
 from dispatcher.core.config import Settings
 from dispatcher.core.errors import DispatcherError
 
@@ -44,10 +44,8 @@ class Pool(asyncpg.pool.Pool):  # type: ignore[misc]  # asyncpg ships no types
     async def release(self, connection: Any, *, timeout: float | None = None) -> None:
         try:
             await super().release(connection, timeout=timeout)
-        except Exception as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError() from exc
+        except Exception:
+            raise_if_cancel_requested()  # the error it raised stays as its __context__
             raise
 
 
