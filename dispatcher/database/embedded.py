@@ -184,12 +184,13 @@ class EmbeddedPostgres:
     def _start(self, *, move_if_taken: bool) -> None:
         port_file = self.pgdata / "dispatcher.port"
         port = int(port_file.read_text()) if port_file.exists() else 0
-        if port and not port_is_free(port) and not move_if_taken:
+        taken = bool(port) and not port_is_free(port)
+        if taken and not move_if_taken:
             raise EmbeddedPostgresUnavailable(
                 f"the embedded PostgreSQL under {self.home} cannot start again on its "
                 f"port {port}: another process listens on it or holds it"
             )
-        if not port or not port_is_free(port):
+        if not port or taken:
             port = free_listen_port()
             port_file.write_text(f"{port}\n")
         try:
