@@ -324,26 +324,39 @@ async def start_behind_proxy(
 
 
 async def claim_with_reply_held(
-    conn: asyncpg.Connection, db: TestDatabase, runtime: Runtime, proxy: TcpProxy, n: int
+    conn: asyncpg.Connection,
+    db: TestDatabase,
+    runtime: Runtime,
+    proxy: TcpProxy,
+    type_: str,
+    payloads: list[dict[str, object]],
 ) -> list[int]:
-    """Insert n max_attempts=1 jobs while the replies to the replica's claims are held:
-    its claim commits in the database and its reply waits in the proxy."""
+    """Insert jobs while the replies to the replica's claims are held, until one claim
+    took them all: it committed in the database and its reply waits in the proxy."""
     # One job through first: the claim loop is up, and waiting for the next wake-up.
-    (warm_up,) = await insert(conn, db, "g.work_once", [{"seconds": 0}])
+    (warm_up,) = await insert(conn, db, type_, [{"seconds": 0}])
     await wait_status(conn, db, warm_up, "completed")
     proxy.hold_replies(to=CLAIM_STATEMENT)
-    ids = await insert(conn, db, "g.work_once", [{"seconds": 0.05}] * n)
+    ids = await insert(conn, db, type_, payloads)
 
     async def claimed() -> bool:
+        # Read before the rows: a reply in the proxy means its claim has committed.
+        held = proxy.held_replies > 0
         taken = await conn.fetchval(
             f"SELECT count(*) FROM {db.jobs} WHERE id = ANY($1) AND status = 'processing' "
             "AND owner = $2",
             ids,
             runtime.owner_id,
         )
-        return taken == n
+        if held and taken == 0:
+            # The claim held was sent before the insert committed (a poll, or the
+            # warm-up's freed slot) and found nothing: let its reply through, so the
+            # replica claims again, and hold that one.
+            proxy.release_replies()
+            proxy.hold_replies(to=CLAIM_STATEMENT)
+        return taken == len(ids)
 
-    await eventually(claimed, timeout=10, what="the claim to commit")
+    await eventually(claimed, timeout=10, what="one claim to take them all")
     return ids
 
 
@@ -355,7 +368,9 @@ async def test_a_replica_stopped_with_a_claim_reply_in_flight_starts_its_rows(
     runtime = await start_behind_proxy(db, proxy, guarantee_app(log))
     conn = await db.connect()
     try:
-        ids = await claim_with_reply_held(conn, db, runtime, proxy, 20)
+        ids = await claim_with_reply_held(
+            conn, db, runtime, proxy, "g.work_once", [{"seconds": 0.05}] * 20
+        )
         stopping = asyncio.create_task(runtime.stop())
         await eventually(
             lambda: asyncio.sleep(0, not runtime.elector.is_leader()),
@@ -387,7 +402,9 @@ async def test_a_claim_whose_reply_is_lost_is_handed_back_at_once(
     runtime = await start_behind_proxy(db, proxy, guarantee_app(log))
     conn = await db.connect()
     try:
-        ids = await claim_with_reply_held(conn, db, runtime, proxy, 20)
+        ids = await claim_with_reply_held(
+            conn, db, runtime, proxy, "g.work_once", [{"seconds": 0.05}] * 20
+        )
         await proxy.cut()
         # Handed back (attempt refunded), claimed again and run once: long before the
         # reaper could call them stale.
@@ -416,10 +433,9 @@ async def test_a_claim_reply_read_after_the_rows_were_rescued_starts_nothing(
     runtime = await start_behind_proxy(db, proxy, guarantee_app(log))
     conn = await db.connect()
     try:
-        (warm_up,) = await insert(conn, db, "g.work_once", [{"seconds": 0}])
-        await wait_status(conn, db, warm_up, "completed")
-        proxy.hold_replies(to=CLAIM_STATEMENT)
-        ids = await insert(conn, db, "g.work", [{"seconds": 0.2}] * 5)
+        ids = await claim_with_reply_held(
+            conn, db, runtime, proxy, "g.work", [{"seconds": 0.2}] * 5
+        )
 
         async def rescued() -> bool:
             n = await conn.fetchval(
@@ -447,7 +463,9 @@ async def test_worker_mode_stop_with_a_claim_reply_in_flight_starts_its_rows(
     runtime = await start_behind_proxy(db, proxy, guarantee_app(log), mode="all")
     conn = await db.connect()
     try:
-        ids = await claim_with_reply_held(conn, db, runtime, proxy, 20)
+        ids = await claim_with_reply_held(
+            conn, db, runtime, proxy, "g.work_once", [{"seconds": 0.05}] * 20
+        )
         stopping = asyncio.create_task(runtime.stop())
         await eventually(
             lambda: asyncio.sleep(0, runtime.stopping), timeout=5, what="the stop to begin"
