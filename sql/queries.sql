@@ -402,12 +402,16 @@ picked AS MATERIALIZED (
                            '-infinity'::timestamptz),
                   coalesce(CASE WHEN p.priority = capacity.hint THEN capacity.since_id END, 0))
             ORDER BY run_at, id
-            LIMIT capacity.free
+            -- Never more than the claim may take in all: every row this scan returns
+            -- is locked (a write: the row's xmax, a WAL record), and a row locked but
+            -- not taken is met again by the next claim. With $5 at a quarter of the
+            -- limit, capacity.free alone locked up to four rows per job started.
+            LIMIT least(capacity.free, $5)
             FOR UPDATE SKIP LOCKED
         ) due
         WHERE p.type = capacity.type AND p.priority IS NOT NULL
         ORDER BY due.priority, due.run_at, due.id
-        LIMIT greatest(capacity.free, 0)
+        LIMIT greatest(least(capacity.free, $5), 0)
     ) j
     -- A pause takes effect at the next claim, whoever has heard of it yet.
     WHERE NOT EXISTS (

@@ -230,6 +230,30 @@ async def test_the_claim_never_walks_jobs_scheduled_later(db: TestDatabase) -> N
     assert with_future - without_future < 30, (without_future, with_future)
 
 
+async def test_a_claim_locks_no_more_due_jobs_than_it_may_take(db: TestDatabase) -> None:
+    # More slots free than one claim may take ($5, a quarter of the limit at 1,000
+    # slots): the claim locked as many due jobs as the type had free slots, then kept
+    # the first $5, so at 1,000 slots it locked 750 rows to start 250. A row lock is a
+    # write (the row's xmax and a WAL record), and the next claim meets those rows again.
+    # A row locked and let go keeps the claim's transaction id as its xmax.
+    conn = await db.connect()
+    try:
+        await elect_claimer(conn, db.schema)
+        await conn.execute(f"INSERT INTO {db.jobs} (type) SELECT 't' FROM generate_series(1, 1000)")
+        term = await conn.fetchval(f'SELECT term FROM "{db.schema}".leader')
+        claimed = await conn.fetch(
+            queries_for(db.schema)["claim_jobs"],
+            *(term, "claimer", ["t"], [750], 250, [3], [None], 1, [None], [None], [None]),
+        )
+        locked_not_taken = await conn.fetchval(
+            f"SELECT count(*) FROM {db.jobs} WHERE status = 'pending' AND xmax::text <> '0'"
+        )
+    finally:
+        await conn.close()
+    assert len(claimed) == 250
+    assert locked_not_taken == 0, f"{locked_not_taken} due jobs locked and left pending"
+
+
 async def test_a_claim_from_where_the_last_one_stopped_spares_the_walk_a_held_snapshot_leaves(
     db: TestDatabase,
 ) -> None:
