@@ -190,12 +190,30 @@ async def elect_claimer(conn: asyncpg.Connection, schema: str) -> None:
     )
 
 
+async def claim_args(
+    conn: asyncpg.Connection,
+    schema: str,
+    *,
+    free: int = 250,
+    batch: int | None = None,
+    hint: int | None = None,
+    since: tuple[dt.datetime, int] | None = None,
+) -> tuple[object, ...]:
+    """claim_jobs' arguments for "claimer" (elect_claimer) under its term: up to ``free``
+    't' jobs, ``batch`` in all (default ``free``), priority hint ``hint``, scan start
+    after ``since``."""
+    term = await conn.fetchval(f'SELECT term FROM "{schema}".leader')
+    return (
+        term, "claimer", ["t"], [free], free if batch is None else batch, [3], [None], 1,
+        [hint], [since[0] if since else None], [since[1] if since else None],
+    )  # fmt: skip
+
+
 async def claim_buffers(conn: asyncpg.Connection, schema: str) -> tuple[int, int]:
     """(rows claimed, shared buffers read to find them) by one claim of up to 250 't'
     jobs, run under EXPLAIN ANALYZE and rolled back."""
     q = queries_for(schema)
-    term = await conn.fetchval(f'SELECT term FROM "{schema}".leader')
-    args = (term, "claimer", ["t"], [250], 250, [3], [None], 1, [None], [None], [None])
+    args = await claim_args(conn, schema)
     plan = (await explain_rolled_back(conn, "ANALYZE, BUFFERS", q["claim_jobs"], args)).split("\n")
     # PostgreSQL 18 prints actual rows with decimals ("rows=10.00").
     claimed = int(float(plan[0].split("rows=")[-1].split()[0]))
@@ -240,10 +258,9 @@ async def test_a_claim_locks_no_more_due_jobs_than_it_may_take(db: TestDatabase)
     try:
         await elect_claimer(conn, db.schema)
         await conn.execute(f"INSERT INTO {db.jobs} (type) SELECT 't' FROM generate_series(1, 1000)")
-        term = await conn.fetchval(f'SELECT term FROM "{db.schema}".leader')
         claimed = await conn.fetch(
             queries_for(db.schema)["claim_jobs"],
-            *(term, "claimer", ["t"], [750], 250, [3], [None], 1, [None], [None], [None]),
+            *await claim_args(conn, db.schema, free=750, batch=250),
         )
         locked_not_taken = await conn.fetchval(
             f"SELECT count(*) FROM {db.jobs} WHERE status = 'pending' AND xmax::text <> '0'"
@@ -294,11 +311,7 @@ async def range_scan_buffers(
     """Buffers the claim's range scan of the claim index reads in one claim of 't' jobs
     at priority hint 0 starting after ``since``, under EXPLAIN ANALYZE, rolled back."""
     q = queries_for(schema)
-    term = await conn.fetchval(f'SELECT term FROM "{schema}".leader')
-    args = (
-        term, "claimer", ["t"], [250], 250, [3], [None], 1, [0],
-        [since[0] if since else None], [since[1] if since else None],
-    )  # fmt: skip
+    args = await claim_args(conn, schema, hint=0, since=since)
     plan = (await explain_rolled_back(conn, "ANALYZE, BUFFERS", q["claim_jobs"], args)).split("\n")
     scan = next(i for i, line in enumerate(plan) if "ROW(run_at, id) >" in line)
     buffers = next(line for line in plan[scan:] if "Buffers:" in line)
@@ -315,14 +328,11 @@ async def claim_rows(
     """Claim up to ``n`` 't' jobs with priority hint ``hint`` (and scan start
     ``since``), rolled back."""
     q = queries_for(schema)
-    term = await conn.fetchval(f'SELECT term FROM "{schema}".leader')
+    args = await claim_args(conn, schema, free=n, hint=hint, since=since)
     claim = conn.transaction()
     await claim.start()
     try:
-        rows: list[asyncpg.Record] = await conn.fetch(
-            q["claim_jobs"], term, "claimer", ["t"], [n], n, [3], [None], 1, [hint],
-            [since[0] if since else None], [since[1] if since else None],
-        )  # fmt: skip
+        rows: list[asyncpg.Record] = await conn.fetch(q["claim_jobs"], *args)
     finally:
         await claim.rollback()
     return rows
@@ -551,8 +561,7 @@ async def probe_heap_fetches(conn: asyncpg.Connection, schema: str, hint: int | 
     """Heap fetches of the claim's priority probes (the "priorities" CTE), under
     EXPLAIN ANALYZE of one claim of 't' jobs with ``hint``, rolled back."""
     q = queries_for(schema)
-    term = await conn.fetchval(f'SELECT term FROM "{schema}".leader')
-    args = (term, "claimer", ["t"], [250], 250, [3], [None], 1, [hint], [None], [None])
+    args = await claim_args(conn, schema, hint=hint)
     plan = (await explain_rolled_back(conn, "ANALYZE, BUFFERS", q["claim_jobs"], args)).split("\n")
     start = next(i for i, line in enumerate(plan) if "CTE priorities" in line)
     end = next(i for i, line in enumerate(plan) if "CTE picked" in line)
