@@ -28,7 +28,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import Database, Replica, Result, database
+from bench.common import (
+    Database,
+    Replica,
+    Result,
+    database,
+    machine_busy_seconds,
+    process_cpu_seconds,
+)
 from bench.profile import Profiler, summarize
 from bench.raw_sql import CONCURRENCIES, ceiling, insert_noops, parse_ints, slots_baseline
 
@@ -48,6 +55,29 @@ JOBS_LEFT = (
 )
 
 
+# Whether the replica has started a job yet (the processing index, a probe): CPU is
+# counted from then on, not while the process imports and elects itself.
+STARTED = "SELECT EXISTS (SELECT 1 FROM {jobs} WHERE status = 'processing')"
+
+
+@dataclass(frozen=True)
+class BurnDown:
+    """One burn-down: its rate, and the CPU spent from the first start to the end."""
+
+    rate: float  # jobs / (last finished_at - first started_at), from the table
+    jobs: int
+    replica_cpu: float  # seconds of the replica process (NaN where /proc is missing)
+    machine_cpu: float  # busy seconds of every core of the machine, the same window
+
+    @property
+    def replica_us_per_job(self) -> float:
+        return self.replica_cpu / self.jobs * 1e6
+
+    @property
+    def machine_us_per_job(self) -> float:
+        return self.machine_cpu / self.jobs * 1e6
+
+
 async def burn_down(
     db: Database,
     jobs: int,
@@ -58,21 +88,49 @@ async def burn_down(
     profile: Path | None = None,
 ) -> float:
     """Drain ``jobs`` pre-inserted no-ops with one replica; jobs per second."""
+    measured = await measure_burn_down(
+        db, jobs, concurrency, env=env, timeout=timeout, profile=profile
+    )
+    return measured.rate
+
+
+async def measure_burn_down(
+    db: Database,
+    jobs: int,
+    concurrency: int,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    profile: Path | None = None,
+    cwd: Path | None = None,
+) -> BurnDown:
+    """:func:`burn_down` with the CPU it cost; ``cwd``: the checkout the replica runs
+    (see :class:`bench.common.Replica`)."""
     await insert_noops(db, jobs)
-    replica = Replica(db, env={"DISPATCHER_CONCURRENCY": str(concurrency), **(env or {})})
+    replica = Replica(db, env={"DISPATCHER_CONCURRENCY": str(concurrency), **(env or {})}, cwd=cwd)
     profiler = Profiler(replica.pid, profile) if profile else None
     conn = await db.connect()
+    deadline = time.monotonic() + timeout
+
+    async def check(poll: float) -> None:
+        if time.monotonic() > deadline or replica.process.poll() is not None:
+            left = await conn.fetchval(
+                f"SELECT count(*) FROM {db.jobs} WHERE status IN ('pending', 'processing')"
+            )
+            raise RuntimeError(f"burn-down stalled with {left} jobs left ({replica.log.name})")
+        await asyncio.sleep(poll)
+
     try:
         await conn.execute("SET enable_seqscan = off")
+        started = STARTED.format(jobs=db.jobs)
+        while not await conn.fetchval(started):
+            await check(0.005)
+        replica_cpu, machine_cpu = process_cpu_seconds(replica.pid), machine_busy_seconds()
         jobs_left = JOBS_LEFT.format(jobs=db.jobs)
-        deadline = time.monotonic() + timeout
         while await conn.fetchval(jobs_left):
-            if time.monotonic() > deadline or replica.process.poll() is not None:
-                left = await conn.fetchval(
-                    f"SELECT count(*) FROM {db.jobs} WHERE status IN ('pending', 'processing')"
-                )
-                raise RuntimeError(f"burn-down stalled with {left} jobs left ({replica.log.name})")
-            await asyncio.sleep(0.1)
+            await check(0.1)
+        replica_cpu = process_cpu_seconds(replica.pid) - replica_cpu
+        machine_cpu = machine_busy_seconds() - machine_cpu
         row = await conn.fetchrow(
             f"SELECT count(*) AS n, extract(epoch FROM max(finished_at) - min(started_at))::float8 "
             f"AS seconds FROM {db.jobs} WHERE starts_with(owner, $1)",
@@ -83,7 +141,8 @@ async def burn_down(
         replica.stop()
         if profiler:
             profiler.stop()
-    return float(row["n"]) / float(row["seconds"])
+    done = int(row["n"])
+    return BurnDown(done / float(row["seconds"]), done, replica_cpu, machine_cpu)
 
 
 @dataclass

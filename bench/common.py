@@ -97,7 +97,9 @@ class Replica:
     """A real ``dispatcher run`` process (logs to a temporary file)."""
 
     def __init__(self, db: Database, *, name: str = "bench", app: str = "dispatcher.examples:app",
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:  # fmt: skip
+        """``cwd``: the folder it runs in; ``python -m`` imports the dispatcher package
+        found there first (bench/ab.py runs other revisions' checkouts this way)."""
         self.name = name
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
             prefix=f"bench-{name}-", suffix=".log", delete=False
@@ -105,6 +107,7 @@ class Replica:
         self.port = free_listen_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dispatcher.cli", "run", app],
+            cwd=cwd,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={
@@ -143,6 +146,31 @@ class Replica:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            # Fields after the command name, which may hold spaces: utime and stime are
+            # the 14th and 15th of the whole line.
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time every core of the machine spent busy (not idle, not waiting for I/O)
+    since boot, in seconds (Linux /proc/stat; NaN elsewhere)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            ticks = [int(value) for value in handle.readline().split()[1:]]
+    except OSError:
+        return float("nan")
+    # user nice system idle iowait irq softirq steal; guest time is counted in user.
+    idle, iowait = ticks[3], ticks[4]
+    return (sum(ticks[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")
 
 
 async def wait_for_leader(db: Database, timeout: float = 30) -> tuple[str, int]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 TINY = {
+    "ab": ["--revisions", "HEAD,.", "--jobs", "300", "--rounds", "1", "--concurrency", "16"],
     "raw_sql": ["--jobs", "300"],
     "burndown": ["--jobs", "300", "--rounds", "1"],
     "latency": ["--probes", "10", "--gap", "0.01", "--load", "100"],
