@@ -82,11 +82,15 @@ def checkouts(variants: list[Variant]) -> Iterator[None]:
                     continue
                 path = Path(home) / f"{i}"
                 print(f"checking out {variant.revision} into {path}", file=sys.stderr, flush=True)
-                subprocess.run(
+                added = subprocess.run(
                     ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet",
                      str(path), variant.revision],
-                    check=True,
+                    capture_output=True, text=True, check=False,
                 )  # fmt: skip
+                if added.returncode != 0:
+                    raise SystemExit(
+                        f"cannot check out {variant.revision!r}: {added.stderr.strip()}"
+                    )
                 made.append(path)
                 variant.path = path
             yield

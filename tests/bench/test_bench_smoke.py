@@ -90,3 +90,25 @@ def test_peers_benchmark_skips_a_peer_it_cannot_run_and_still_measures_the_dispa
     figures = json.loads(line)
     assert figures["benchmark"] == "peers", figures
     assert "dispatcher burn-down" in run.stdout, run.stdout
+
+
+def test_ab_reads_settings_per_revision_and_refuses_malformed_ones() -> None:
+    from bench.ab import parse_env
+
+    assert parse_env("", 2) == [{}, {}]
+    assert parse_env(";A=1,B=x=y", 2) == [{}, {"A": "1", "B": "x=y"}]
+    with pytest.raises(SystemExit, match="is not NAME=value"):
+        parse_env("A", 2)
+    with pytest.raises(SystemExit, match="names 3 revisions' settings, there are 2"):
+        parse_env("A=1;B=2;C=3", 2)
+
+
+def test_ab_names_a_revision_it_cannot_check_out() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--revisions", "no-such-revision,.", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode != 0
+    assert "cannot check out 'no-such-revision'" in run.stderr, run.stderr
