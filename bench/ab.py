@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.burndown import BurnDown, measure_burn_down
+from bench.burndown import BurnDown, burn_down
 from bench.common import Result, database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +116,7 @@ async def main_async(args: argparse.Namespace) -> Result:
             order = variants if round_ % 2 == 0 else variants[::-1]
             for variant in order:
                 await db.reset()
-                run = await measure_burn_down(
+                run = await burn_down(
                     db, args.jobs, args.concurrency, env=variant.env, cwd=variant.path
                 )
                 variant.runs.append(run)

@@ -86,26 +86,10 @@ async def burn_down(
     env: dict[str, str] | None = None,
     timeout: float = 600,
     profile: Path | None = None,
-) -> float:
-    """Drain ``jobs`` pre-inserted no-ops with one replica; jobs per second."""
-    measured = await measure_burn_down(
-        db, jobs, concurrency, env=env, timeout=timeout, profile=profile
-    )
-    return measured.rate
-
-
-async def measure_burn_down(
-    db: Database,
-    jobs: int,
-    concurrency: int,
-    *,
-    env: dict[str, str] | None = None,
-    timeout: float = 600,
-    profile: Path | None = None,
     cwd: Path | None = None,
 ) -> BurnDown:
-    """:func:`burn_down` with the CPU it cost; ``cwd``: the checkout the replica runs
-    (see :class:`bench.common.Replica`)."""
+    """Drain ``jobs`` pre-inserted no-ops with one replica: its rate, and the CPU it
+    cost. ``cwd``: the checkout the replica runs (see :class:`bench.common.Replica`)."""
     await insert_noops(db, jobs)
     replica = Replica(db, env={"DISPATCHER_CONCURRENCY": str(concurrency), **(env or {})}, cwd=cwd)
     profiler = Profiler(replica.pid, profile) if profile else None
@@ -172,11 +156,9 @@ async def main_async(args: argparse.Namespace) -> Result:
                 measured.baselines.append(await slots_baseline(db, args.jobs, concurrency))
                 await db.reset()
                 last = round_ == args.rounds - 1 and i == len(args.concurrency) - 1
-                measured.rates.append(
-                    await burn_down(
-                        db, args.jobs, concurrency, profile=args.profile if last else None
-                    )
-                )
+                profile = args.profile if last else None
+                burned = await burn_down(db, args.jobs, concurrency, profile=profile)
+                measured.rates.append(burned.rate)
         await db.drop()
     best = statistics.median(ceilings)
     result.add(

@@ -125,8 +125,8 @@ async def main_async(args: argparse.Namespace) -> Result:
         empty_rates, full_rates = [], []
         for _ in range(args.rounds):  # alternate, so noise hits both alike
             await empty.reset()
-            empty_rates.append(await burn_down(empty, args.jobs, CONCURRENCY))
-            full_rates.append(await burn_down(full, args.jobs, CONCURRENCY))
+            empty_rates.append((await burn_down(empty, args.jobs, CONCURRENCY)).rate)
+            full_rates.append((await burn_down(full, args.jobs, CONCURRENCY)).rate)
             await forget_burned(full)
         rate_empty = statistics.median(empty_rates)
         rate_full = statistics.median(full_rates)
@@ -147,7 +147,7 @@ async def main_async(args: argparse.Namespace) -> Result:
 
         await empty.reset()
         await add_finished(empty, args.finished, timedelta(days=2))
-        pruning = await burn_down(empty, args.jobs, CONCURRENCY, env=REAPER_ENV)
+        pruning = (await burn_down(empty, args.jobs, CONCURRENCY, env=REAPER_ENV)).rate
         result.add(
             f"burn-down while the reaper prunes {args.finished:,} rows",
             f"{pruning:,.0f} jobs/s ({pruning / rate_empty:.0%} of empty)",

@@ -221,7 +221,7 @@ def runs(values: list[float]) -> str:
 
 async def dispatcher_rate(db: Database, jobs: int, concurrency: int) -> float:
     await db.reset()
-    rate = await burn_down(db, jobs, concurrency)
+    rate = (await burn_down(db, jobs, concurrency)).rate
     say(f"    dispatcher: {rate:,.0f} jobs/s")
     return rate
 
