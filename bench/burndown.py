@@ -55,9 +55,13 @@ JOBS_LEFT = (
 )
 
 
-# Whether the replica has started a job yet (the processing index, a probe): CPU is
-# counted from then on, not while the process imports and elects itself.
-STARTED = "SELECT EXISTS (SELECT 1 FROM {jobs} WHERE status = 'processing')"
+# Whether the replica has started a job yet: CPU is counted from then on, not while
+# the process imports and elects itself. Two index probes; "none pending" counts too,
+# since a small burn-down can start and finish every job between two polls.
+STARTED = (
+    "SELECT EXISTS (SELECT 1 FROM {jobs} WHERE status = 'processing') "
+    "OR NOT EXISTS (SELECT 1 FROM {jobs} WHERE status = 'pending')"
+)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.database import TestDatabase
+
 TINY = {
     "ab": ["--revisions", "HEAD,.", "--jobs", "300", "--rounds", "1", "--concurrency", "16"],
     "raw_sql": ["--jobs", "300"],
@@ -112,3 +114,31 @@ def test_ab_names_a_revision_it_cannot_check_out() -> None:
     )
     assert run.returncode != 0
     assert "cannot check out 'no-such-revision'" in run.stderr, run.stderr
+
+
+async def test_burn_down_counts_cpu_from_the_first_start_even_if_every_job_is_done(
+    db: TestDatabase,
+) -> None:
+    # A small burn-down can start and finish every job between two polls: "started"
+    # must then hold, or the benchmark would wait for a processing row until it times out.
+    from bench.burndown import STARTED
+
+    started = STARTED.format(jobs=db.jobs)
+    conn = await db.connect()
+    try:
+        await conn.execute(
+            f"INSERT INTO {db.jobs} (type) SELECT 'demo.noop' FROM generate_series(1, 3)"
+        )
+        assert await conn.fetchval(started) is False
+        await conn.execute(
+            f"UPDATE {db.jobs} SET status = 'processing', attempts = 1, started_at = now(), "
+            f"heartbeat_at = now(), owner = 'bench-1-x' WHERE id = (SELECT min(id) FROM {db.jobs})"
+        )
+        assert await conn.fetchval(started) is True
+        await conn.execute(
+            f"UPDATE {db.jobs} SET status = 'completed', attempts = 1, owner = 'bench-1-x', "
+            f"started_at = now(), finished_at = now()"
+        )
+        assert await conn.fetchval(started) is True
+    finally:
+        await conn.close()
