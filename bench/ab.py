@@ -52,6 +52,14 @@ class Variant:
         settings = ",".join(f"{k}={v}" for k, v in self.env.items())
         return f"{self.revision} {settings}".strip()
 
+    def medians(self) -> tuple[float, float, float]:
+        """Over the rounds: jobs/s, replica and machine CPU µs per job."""
+        return (
+            statistics.median(run.rate for run in self.runs),
+            statistics.median(run.replica_us_per_job for run in self.runs),
+            statistics.median(run.machine_us_per_job for run in self.runs),
+        )
+
 
 def parse_env(text: str, count: int) -> list[dict[str, str]]:
     """``--env``: per revision, ``k=v`` pairs; missing trailing entries are empty."""
@@ -75,8 +83,8 @@ def checkouts(variants: list[Variant]) -> Iterator[None]:
     """Each variant's revision in a worktree of its own (``.``: this working tree),
     removed afterwards."""
     made: list[Path] = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="dispatcher-ab-") as home:
+    with tempfile.TemporaryDirectory(prefix="dispatcher-ab-") as home:
+        try:
             for i, variant in enumerate(variants):
                 if variant.revision == ".":
                     continue
@@ -94,12 +102,13 @@ def checkouts(variants: list[Variant]) -> Iterator[None]:
                 made.append(path)
                 variant.path = path
             yield
-    finally:
-        for path in made:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
-                check=False,
-            )
+        finally:
+            # While the folder still exists, so git forgets each worktree it removes.
+            for path in made:
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
+                    check=False,
+                )
 
 
 async def main_async(args: argparse.Namespace) -> Result:
@@ -128,12 +137,10 @@ async def main_async(args: argparse.Namespace) -> Result:
                     flush=True,
                 )
         await db.drop()
-    first = statistics.median(run.rate for run in variants[0].runs)
+    first = variants[0].medians()[0]
     figures = []
     for variant in variants:
-        rate = statistics.median(run.rate for run in variant.runs)
-        replica = statistics.median(run.replica_us_per_job for run in variant.runs)
-        machine = statistics.median(run.machine_us_per_job for run in variant.runs)
+        rate, replica, machine = variant.medians()
         figures.append(
             {"revision": variant.revision, "env": variant.env, "rate": rate,
              "rates": [run.rate for run in variant.runs], "replica_us_per_job": replica,
